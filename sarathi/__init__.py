@@ -1,0 +1,1 @@
+"""sarathi-serve: command-line entry point and what both services share (model resolution)."""

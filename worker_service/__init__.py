@@ -1,0 +1,1 @@
+"""The worker service: owns a model shard, the paged KV cache and the kernels; executes plans."""

@@ -1,0 +1,76 @@
+"""The attention interface every backend implements, and the per-iteration metadata it reads.
+
+KV cache layout (per layer, FlashInfer's NHD layout): [num_blocks, 2, block_size, kv_heads, head_dim]
+where index 0 of dim 1 is K and 1 is V. A token at position p of a sequence lives in block
+block_table[p // block_size], offset p % block_size; its slot is block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one iteration; built once, shared by all layers.
+
+    The batch is ragged: sequence i owns query rows [query_start[i], query_start[i + 1]), which
+    are the last num_query(i) positions of its context of context_lens[i] tokens.
+    """
+
+    query_start: torch.Tensor      # [num_seqs + 1] int32, cumulative query lengths
+    context_lens: torch.Tensor     # [num_seqs] int32, tokens in KV after this step's writes
+    block_tables: torch.Tensor     # [num_seqs, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor     # [num_tokens] int64, where each new token's K/V goes
+    block_size: int
+    # Host copies, so the reference path need not sync the device per sequence.
+    query_start_host: list[int]
+    context_lens_host: list[int]
+    num_decode_only: bool = False  # every sequence has exactly one query token
+
+
+class AttentionBackend(ABC):
+    """Computes attention for a ragged hybrid batch over the paged KV cache of one layer."""
+
+    def begin_iteration(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
+        """Called once per iteration before the first layer (e.g. to plan GPU kernels)."""
+
+    @abstractmethod
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """Stores this step's k, v ([num_tokens, kv_heads, head_dim]) at meta.slot_mapping."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim], causal per sequence."""
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = "torch" if device.type == "cpu" else _best_gpu_backend()
+    if name == "torch":
+        from worker_service.attention.torch_ref import TorchAttention
+
+        return TorchAttention()
+    if name == "flashinfer":
+        from worker_service.attention.flashinfer_backend import FlashInferAttention
+
+        return FlashInferAttention(device)
+    if name == "triton":
+        from worker_service.attention.triton_backend import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r}: use auto, torch, flashinfer or triton")
+
+
+def _best_gpu_backend() -> str:
+    try:
+        import flashinfer  # noqa: F401
+
+        return "flashinfer"
+    except ImportError:
+        return "triton"

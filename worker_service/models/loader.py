@@ -1,0 +1,188 @@
+"""Builds a LlamaModel from a GGUF file, a Hugging Face folder, or random weights of a known shape.
+
+GGUF files are converted once (dequantised by transformers) into a Hugging Face folder in the
+cache, so every later start loads safetensors directly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sarathi.model_spec import ModelKind, ModelSource, converted_dir
+from worker_service.attention import AttentionBackend
+from worker_service.models.config import ModelConfig
+from worker_service.models.llama import LlamaModel
+
+# Shapes of real models for dummy-weight benchmarks (values from their published configs).
+DUMMY_CONFIGS: dict[str, dict] = {
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=128001),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=32768,
+                       rope_theta=1000000.0, tie_word_embeddings=False, eos_token_id=2),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                       rope_theta=1000000.0, tie_word_embeddings=False, eos_token_id=151645),
+    "llama3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=128001),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, eos_token_id=2),
+    # Small enough for fast CPU tests, with GQA and more than one block per prompt.
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 rms_norm_eps=1e-5, max_position_embeddings=2048, rope_theta=10000.0,
+                 tie_word_embeddings=False, eos_token_id=0),
+}
+
+
+def hf_config_for(source: ModelSource):
+    """The transformers config object for any source (converting a GGUF file first)."""
+    from transformers import AutoConfig
+
+    if source.kind is ModelKind.DUMMY:
+        spec = source.location
+        if spec in DUMMY_CONFIGS:
+            values = dict(DUMMY_CONFIGS[spec])
+        elif Path(spec).is_file():
+            values = json.loads(Path(spec).read_text())
+        else:
+            names = ", ".join(DUMMY_CONFIGS)
+            raise ValueError(f"unknown dummy model {spec!r}: use one of {names} or a config.json")
+        model_type = values.pop("model_type", "llama")
+        return AutoConfig.for_model(model_type, **values)
+    return AutoConfig.from_pretrained(str(hf_folder_for(source)))
+
+
+def hf_folder_for(source: ModelSource) -> Path:
+    if source.kind is ModelKind.HF_FOLDER:
+        return Path(source.location)
+    if source.kind is ModelKind.GGUF:
+        return convert_gguf(source.location)
+    raise ValueError("dummy models have no folder")
+
+
+def convert_gguf(gguf_path: str) -> Path:
+    """Dequantises a GGUF file once into a cached Hugging Face folder (weights + tokenizer)."""
+    target = converted_dir(gguf_path)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    print(f"converting {name} once into {target} (later starts load the cache)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: a concurrent start never sees half a folder.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    # save_pretrained refuses GGUF-loaded models, so write the dequantised tensors ourselves.
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _to_our_layout(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Renames HF tensors and fuses q/k/v and gate/up."""
+    def take(name: str) -> torch.Tensor:
+        return hf.pop(name)
+
+    out: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight"),
+                                    "norm.weight": take("model.norm.weight")}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        q = f"{i}."
+        attn = p + "self_attn."
+        out[f"layers.{q}attn.qkv_proj.weight"] = torch.cat(
+            [take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight")])
+        if config.attention_bias:
+            out[f"layers.{q}attn.qkv_proj.bias"] = torch.cat(
+                [take(attn + "q_proj.bias"), take(attn + "k_proj.bias"), take(attn + "v_proj.bias")])
+        out[f"layers.{q}attn.o_proj.weight"] = take(attn + "o_proj.weight")
+        out[f"layers.{q}mlp.gate_up_proj.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[f"layers.{q}mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
+        out[f"layers.{q}input_norm.weight"] = take(p + "input_layernorm.weight")
+        out[f"layers.{q}post_attn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+    return out
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {folder}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def load_model(source: ModelSource, backend: AttentionBackend, device: torch.device,
+               dtype: torch.dtype, seed: int = 0) -> LlamaModel:
+    hf_config = hf_config_for(source)
+    config = ModelConfig.from_hf(hf_config, source.name)
+    with torch.device("meta"):
+        model = LlamaModel(config, backend)
+    if source.kind is ModelKind.DUMMY:
+        state = _random_weights(model, device, dtype, seed)
+    else:
+        hf = _read_safetensors(hf_folder_for(source))
+        if config.tie_word_embeddings:
+            hf.pop("lm_head.weight", None)
+        state = {k: v.to(device=device, dtype=dtype) for k, v in
+                 tqdm(_to_our_layout(hf, config).items(), desc="placing weights", unit="tensor")}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Non-persistent buffers (rotary tables) were created on meta: rebuild them on the device.
+    model.rotary = model.rotary.__class__(config).to(device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"weights missing from the checkpoint: {missing[:5]}")
+    return model.eval()
+
+
+def _random_weights(model: LlamaModel, device: torch.device, dtype: torch.dtype,
+                    seed: int) -> dict[str, torch.Tensor]:
+    """Small normal weights (std 0.02) and unit norms: realistic magnitudes for benchmarks."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in tqdm(list(model.named_parameters()), desc="random weights", unit="tensor"):
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            t = torch.empty(p.shape, device=device, dtype=dtype)
+            t.normal_(0.0, 0.02, generator=gen)
+            state[name] = t
+    return state
