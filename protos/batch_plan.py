@@ -29,6 +29,7 @@ class NewSequence:
     token_ids: list[int]
     block_table: list[int]
     sampling: SamplingOptions
+    num_prompt_tokens: int
 
 
 @dataclass
@@ -68,6 +69,7 @@ class BatchPlan:
                     sampling=worker_pb2.SamplingOptions(
                         temperature=s.sampling.temperature, top_p=s.sampling.top_p,
                         top_k=s.sampling.top_k, seed=s.sampling.seed),
+                    num_prompt_tokens=s.num_prompt_tokens,
                 )
                 for s in self.new_sequences
             ],
@@ -90,6 +92,7 @@ class BatchPlan:
                         temperature=s.sampling.temperature, top_p=s.sampling.top_p,
                         top_k=s.sampling.top_k,
                         seed=s.sampling.seed if s.sampling.HasField("seed") else None),
+                    num_prompt_tokens=s.num_prompt_tokens,
                 )
                 for s in msg.new_sequences
             ],

@@ -96,10 +96,11 @@ class ModelRunner:
         for new in plan.new_sequences:
             if new.seq_id in self.seqs:
                 raise PlanError(f"sequence {new.seq_id} registered twice")
-            if not new.token_ids:
-                raise PlanError(f"sequence {new.seq_id} has no tokens")
+            if not 0 < new.num_prompt_tokens <= len(new.token_ids):
+                raise PlanError(f"sequence {new.seq_id}: {new.num_prompt_tokens} prompt tokens "
+                                f"of {len(new.token_ids)}")
             self.seqs[new.seq_id] = SequenceState(
-                list(new.token_ids), len(new.token_ids), list(new.block_table), 0, new.sampling)
+                list(new.token_ids), new.num_prompt_tokens, list(new.block_table), 0, new.sampling)
 
     def _prepare(self, plan: BatchPlan):
         """Plan -> (input_ids, positions, metadata, rows to sample, their seq ids)."""
