@@ -1,0 +1,1 @@
+"""The scheduler service: client API, request state, tokenization, KV block manager, policies."""

@@ -1,0 +1,118 @@
+"""The scheduler core: request bookkeeping around a policy, plans out, step results in.
+
+schedule() asks the policy for the next iteration and encodes it as a BatchPlan with deltas
+only: a request the worker has not seen travels in full once; afterwards only its counters and
+new blocks. Computed-token counts advance at schedule time. update() applies a StepOutput:
+appends tokens, runs stop checks, frees finished requests. No I/O here: the engine does that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from protos.batch_plan import BatchPlan, NewSequence, StepOutput
+from scheduler_service.block_manager import BlockManager
+from scheduler_service.policies import Policy, ScheduleOutput, SchedulerState
+from scheduler_service.request import FinishReason, Request, RequestStatus
+
+
+class CapacityError(ValueError):
+    """The request could never fit the KV cache, even alone."""
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did for one request, for the frontend."""
+
+    seq_id: int
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, blocks: BlockManager) -> None:
+        self.policy = policy
+        self.state = SchedulerState(blocks)
+        self.requests: dict[int, Request] = {}
+        self._pending_drops: list[int] = []
+        self._next_step_id = 1
+        self.last_schedule: ScheduleOutput | None = None
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self.state.blocks
+
+    def has_work(self) -> bool:
+        return bool(self.state.waiting or self.state.running or self._pending_drops)
+
+    def add(self, request: Request) -> None:
+        needed = self.blocks.blocks_for(request.max_num_tokens)
+        if needed > self.blocks.num_blocks:
+            raise CapacityError(
+                f"the request needs up to {request.max_num_tokens} tokens of KV cache "
+                f"({needed} blocks) but the cache holds {self.blocks.num_blocks} blocks: "
+                f"lower max_tokens or shorten the prompt")
+        if request.seq_id in self.requests:
+            raise ValueError(f"duplicate sequence id {request.seq_id}")
+        self.requests[request.seq_id] = request
+        self.state.waiting.append(request)
+
+    def abort(self, seq_id: int) -> bool:
+        request = self.requests.get(seq_id)
+        if request is None:
+            return False
+        self._finish(request, FinishReason.ABORT)
+        return True
+
+    def schedule(self) -> BatchPlan:
+        out = self.policy.schedule(self.state)
+        self.last_schedule = out
+        plan = BatchPlan(step_id=self._next_step_id, dropped_seq_ids=self._pending_drops)
+        self._pending_drops = []
+        self._next_step_id += 1
+        for request in out.preempted:
+            if request.known_to_worker:
+                plan.dropped_seq_ids.append(request.seq_id)
+                request.known_to_worker = False
+        now = time.monotonic()
+        for chunk in out.chunks:
+            req = chunk.request
+            new_blocks = chunk.new_blocks
+            if not req.known_to_worker:
+                plan.new_sequences.append(NewSequence(
+                    req.seq_id, req.all_token_ids, list(self.blocks.tables[req.seq_id]),
+                    req.sampling, req.num_prompt_tokens))
+                req.known_to_worker = True
+                new_blocks = []  # the full table travelled with the sequence
+            plan.schedule(req.seq_id, req.num_computed_tokens, chunk.num_tokens, new_blocks)
+            req.num_computed_tokens += chunk.num_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        return plan
+
+    def update(self, output: StepOutput) -> list[RequestUpdate]:
+        updates = []
+        for seq_id, token in zip(output.seq_ids, output.token_ids, strict=True):
+            request = self.requests.get(seq_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted after the plan was sent: the token is void
+            request.output_token_ids.append(token)
+            reason = request.check_stop()
+            if reason is not None:
+                self._finish(request, reason)
+            updates.append(RequestUpdate(seq_id, [token], reason))
+        return updates
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        if request in self.state.running:
+            self.state.running.remove(request)
+        elif request in self.state.waiting:
+            self.state.waiting.remove(request)
+        self.blocks.free(request.seq_id)
+        if request.known_to_worker:
+            self._pending_drops.append(request.seq_id)
+            request.known_to_worker = False
+        del self.requests[request.seq_id]

@@ -1,0 +1,329 @@
+"""The frontend process: the client-facing gRPC API (Generate, ModelInfo, health, reflection).
+
+It validates and tokenizes requests, hands them to the engine process over ZeroMQ, and streams
+detokenized tokens back. The engine never waits on a client: a slow stream only fills its own
+queue here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import tempfile
+from dataclasses import dataclass
+
+import grpc
+import zmq
+import zmq.asyncio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import generation_pb2, generation_pb2_grpc
+from protos.batch_plan import SamplingOptions
+from scheduler_service.detokenizer import IncrementalDetokenizer
+from scheduler_service.engine import (
+    AbortRequest,
+    AddRequest,
+    EngineConfig,
+    EngineFailed,
+    EngineReady,
+    GetTrace,
+    RequestRejected,
+    StepUpdates,
+    Trace,
+    run_engine,
+)
+from scheduler_service.request import FinishReason, Request
+from scheduler_service.scheduler import RequestUpdate
+
+log = logging.getLogger("sarathi.frontend")
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+DEFAULT_MAX_TOKENS = 16
+
+_FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+           FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+           FinishReason.ABORT: generation_pb2.FINISH_REASON_ABORT}
+
+
+class BadRequest(ValueError):
+    """Maps to INVALID_ARGUMENT; the message says what is wrong."""
+
+
+@dataclass
+class _Stream:
+    """Per-request mailbox filled by the engine reader, drained by the Generate coroutine."""
+
+    queue: asyncio.Queue
+
+
+class EngineClient:
+    """Starts the engine process and routes its updates to waiting Generate calls."""
+
+    def __init__(self, config_kwargs: dict) -> None:
+        self._dir = tempfile.mkdtemp(prefix="sarathi-")
+        self.command_address = f"ipc://{self._dir}/commands"
+        self.update_address = f"ipc://{self._dir}/updates"
+        self.ctx = zmq.asyncio.Context()
+        self.commands = self.ctx.socket(zmq.PUSH)
+        self.commands.bind(self.command_address)
+        self.updates = self.ctx.socket(zmq.PULL)
+        self.updates.bind(self.update_address)
+        self.config = EngineConfig(command_address=self.command_address,
+                                   update_address=self.update_address, **config_kwargs)
+        self.streams: dict[int, _Stream] = {}
+        self.ready: EngineReady | None = None
+        self.failure: str | None = None
+        self.ready_event = asyncio.Event()
+        self._trace_waiters: list[asyncio.Future] = []
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=run_engine, args=(self.config,), name="sarathi-engine", daemon=True)
+
+    def start(self) -> None:
+        self.process.start()
+
+    async def send(self, msg: object) -> None:
+        await self.commands.send_pyobj(msg)
+
+    async def trace(self) -> Trace:
+        fut = asyncio.get_running_loop().create_future()
+        self._trace_waiters.append(fut)
+        await self.send(GetTrace())
+        return await fut
+
+    async def read_updates(self, on_ready, on_failure) -> None:
+        while True:
+            msg = await self.updates.recv_pyobj()
+            if isinstance(msg, StepUpdates):
+                for upd in msg.updates:
+                    stream = self.streams.get(upd.seq_id)
+                    if stream is not None:
+                        stream.queue.put_nowait(upd)
+            elif isinstance(msg, RequestRejected):
+                stream = self.streams.get(msg.seq_id)
+                if stream is not None:
+                    stream.queue.put_nowait(msg)
+            elif isinstance(msg, EngineReady):
+                self.ready = msg
+                self.ready_event.set()
+                on_ready(msg)
+            elif isinstance(msg, EngineFailed):
+                self.failure = msg.message
+                self.ready_event.set()
+                on_failure(msg.message)
+                for stream in self.streams.values():
+                    stream.queue.put_nowait(msg)
+            elif isinstance(msg, Trace):
+                while self._trace_waiters:
+                    fut = self._trace_waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg)
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.ctx.destroy(linger=0)
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, engine: EngineClient, tokenizer, model_name: str, max_queue: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_queue = max_queue
+        self._ids = itertools.count(1)
+
+    async def ModelInfo(self, request, context):
+        info = await self._ready_info(context)
+        return generation_pb2.ModelInfoResponse(
+            model=self.model_name or info.model, max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size, has_tokenizer=self.tokenizer is not None,
+            block_size=info.block_size, num_kv_blocks=info.num_kv_blocks, dtype=info.dtype,
+            device=info.device, eos_token_ids=info.eos_token_ids)
+
+    async def Generate(self, request, context):
+        info = await self._ready_info(context)
+        try:
+            prompt_ids = self._prompt_ids(request, info)
+            params = request.sampling
+            max_tokens, options, stop_ids = self._sampling(params, info, len(prompt_ids))
+        except BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if len(self.engine.streams) >= self.max_queue:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.max_queue} requests in flight: retry later")
+        seq_id = next(self._ids)
+        stream = _Stream(asyncio.Queue())
+        self.engine.streams[seq_id] = stream
+        detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids, list(params.stop))
+                 if self.tokenizer is not None else None)
+        finished = False
+        completion = 0
+        try:
+            await self.engine.send(AddRequest(Request(
+                seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options,
+                max_tokens=max_tokens, stop_token_ids=stop_ids)))
+            while True:
+                msg = await stream.queue.get()
+                if isinstance(msg, RequestRejected):
+                    finished = True
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, msg.message)
+                if isinstance(msg, EngineFailed):
+                    finished = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {msg.message}")
+                assert isinstance(msg, RequestUpdate)
+                completion += len(msg.new_token_ids)
+                reason = msg.finish_reason
+                text = ""
+                if detok is not None:
+                    step = detok.add(msg.new_token_ids)
+                    text = step.text
+                    if step.stopped:
+                        reason = FinishReason.STOP
+                yield generation_pb2.GenerateResponse(chunk=generation_pb2.TokenChunk(
+                    token_ids=msg.new_token_ids, text=text))
+                if reason is not None:
+                    finished = True
+                    if msg.finish_reason is None:  # a stop string: the engine must stop too
+                        await self.engine.send(AbortRequest(seq_id))
+                    tail = detok.flush() if detok is not None and reason is not FinishReason.STOP else ""
+                    yield generation_pb2.GenerateResponse(finished=generation_pb2.Finished(
+                        reason=_FINISH[reason], text=tail,
+                        usage=generation_pb2.Usage(prompt_tokens=len(prompt_ids),
+                                                   completion_tokens=completion)))
+                    return
+        finally:
+            self.engine.streams.pop(seq_id, None)
+            if not finished:  # cancelled by the client, or the connection dropped
+                await self.engine.send(AbortRequest(seq_id))
+
+    async def _ready_info(self, context) -> EngineReady:
+        if self.engine.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {self.engine.failure}")
+        if self.engine.ready is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the worker is still loading the model: retry when health is SERVING")
+        return self.engine.ready
+
+    def _prompt_ids(self, request, info: EngineReady) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise BadRequest("empty prompt: set text, chat or token_ids")
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            bad = [t for t in ids if t >= info.vocab_size]
+            if bad:
+                raise BadRequest(f"unknown token id {bad[0]}: the vocabulary has {info.vocab_size} tokens")
+        else:
+            if self.tokenizer is None:
+                raise BadRequest("this model has no tokenizer: send token_ids")
+            if kind == "text":
+                if not request.text:
+                    raise BadRequest("empty prompt: text is empty")
+                ids = self.tokenizer.encode(request.text, add_special_tokens=False)
+            else:
+                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                if not messages:
+                    raise BadRequest("empty prompt: chat has no messages")
+                try:
+                    ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                             tokenize=True, return_dict=False)
+                except Exception as e:  # template errors are the client's: roles out of order etc.
+                    raise BadRequest(f"chat template failed: {e}") from e
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                    ids = ids["input_ids"]
+                ids = list(ids)
+        if not ids:
+            raise BadRequest("empty prompt: it has no tokens")
+        if len(ids) >= info.max_model_len:
+            raise BadRequest(f"prompt has {len(ids)} tokens; the model's context is {info.max_model_len} "
+                             f"and at least one token must be generated")
+        return ids
+
+    def _sampling(self, p, info: EngineReady, prompt_len: int):
+        max_tokens = p.max_tokens if p.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        if max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
+        temperature = p.temperature if p.HasField("temperature") else 1.0
+        if temperature < 0 or temperature != temperature:
+            raise BadRequest(f"temperature must be >= 0, got {temperature}")
+        top_p = p.top_p if p.HasField("top_p") else 1.0
+        if not 0 < top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], got {top_p}")
+        if p.top_k < 0:
+            raise BadRequest(f"top_k must be >= 0, got {p.top_k}")
+        bad = [t for t in p.stop_token_ids if t >= info.vocab_size]
+        if bad:
+            raise BadRequest(f"unknown stop token id {bad[0]}: the vocabulary has {info.vocab_size} tokens")
+        if any(not s for s in p.stop):
+            raise BadRequest("stop strings must not be empty")
+        stop_ids = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stop_ids.update(info.eos_token_ids)
+        max_tokens = min(max_tokens, info.max_model_len - prompt_len)
+        options = SamplingOptions(temperature=temperature, top_p=top_p, top_k=p.top_k,
+                                  seed=p.seed if p.HasField("seed") else None)
+        return max_tokens, options, frozenset(stop_ids)
+
+
+async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, model_name: str,
+                         max_queue: int = 4096, started: asyncio.Event | None = None) -> None:
+    """Runs the gRPC API until cancelled; the engine process lives as long as this coroutine."""
+    engine = EngineClient(engine_kwargs)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    service = GenerationService(engine, tokenizer, model_name, max_queue)
+    generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
+    await server.start()
+    log.info("gRPC API on %s:%d (health NOT_SERVING until the worker has its cache)", host, port)
+    engine.start()
+    loop = asyncio.get_running_loop()
+
+    def set_health(status) -> None:
+        for name in ("", SERVICE_NAME):
+            loop.create_task(health_servicer.set(name, status))
+
+    def on_ready(info: EngineReady) -> None:
+        log.info("serving %s: %d KV blocks of %d tokens, %s on %s", model_name or info.model,
+                 info.num_kv_blocks, info.block_size, info.dtype, info.device)
+        set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def on_failure(message: str) -> None:
+        log.error("engine failed: %s", message)
+        set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    reader = asyncio.create_task(engine.read_updates(on_ready, on_failure))
+    watchdog = asyncio.create_task(_watch_engine(engine, on_failure))
+    server.service = service  # type: ignore[attr-defined]  # for in-process tests
+    if started is not None:
+        started.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        reader.cancel()
+        watchdog.cancel()
+        await server.stop(grace=1)
+        engine.close()
+
+
+async def _watch_engine(engine: EngineClient, on_failure) -> None:
+    """An engine process that dies without a word still fails requests and health."""
+    while True:
+        await asyncio.sleep(0.5)
+        if not engine.process.is_alive() and engine.failure is None:
+            message = f"engine process exited with code {engine.process.exitcode}"
+            engine.failure = message
+            on_failure(message)
+            for stream in engine.streams.values():
+                stream.queue.put_nowait(EngineFailed(message))
+

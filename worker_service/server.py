@@ -1,0 +1,87 @@
+"""The worker's gRPC service: Describe, InitCache and the Step stream around a ModelRunner."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import torch
+
+from protos import worker_pb2, worker_pb2_grpc
+from protos.batch_plan import BatchPlan
+from worker_service.runner import ModelRunner, PlanError
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
+                ("grpc.max_receive_message_length", 256 << 20)]
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory the KV cache may use: free device memory, or available RAM on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runner: ModelRunner, weight_bytes: int, cpu_cache_limit: int) -> None:
+        self.runner = runner
+        self.weight_bytes = weight_bytes
+        self.cpu_cache_limit = cpu_cache_limit
+        self._stream_lock = threading.Lock()
+
+    def Describe(self, request, context):
+        block_size = request.block_size or 16
+        fraction = request.memory_fraction or 0.9
+        c = self.runner.config
+        free = free_memory_bytes(self.runner.device)
+        budget = int(free * fraction)
+        if self.runner.device.type == "cpu":
+            budget = min(budget, self.cpu_cache_limit)
+        per_block = self.runner.bytes_per_block(block_size)
+        return worker_pb2.DescribeResponse(
+            model=c.name, device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),
+            num_layers=c.num_layers, vocab_size=c.vocab_size, max_model_len=c.max_model_len,
+            eos_token_ids=list(c.eos_token_ids), weight_bytes=self.weight_bytes,
+            free_memory_bytes=free, bytes_per_block=per_block,
+            num_blocks_available=budget // per_block)
+
+    def InitCache(self, request, context):
+        if request.num_blocks < 1 or request.block_size < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be >= 1")
+        with self._stream_lock:
+            cache_bytes = self.runner.init_cache(request.num_blocks, request.block_size)
+        return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
+
+    def Step(self, request_iterator: Iterator[worker_pb2.BatchPlan],
+             context) -> Iterator[worker_pb2.StepResult]:
+        if not self._stream_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler holds the step stream")
+        try:
+            # A new stream means a new scheduler: forget sequences from the previous one.
+            self.runner.seqs.clear()
+            for msg in request_iterator:
+                try:
+                    out = self.runner.execute(BatchPlan.from_proto(msg))
+                except PlanError as e:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                yield out.to_proto()
+        finally:
+            self._stream_lock.release()
+
+
+def serve_worker(runner: ModelRunner, host: str, port: int, weight_bytes: int,
+                 cpu_cache_limit: int) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner, weight_bytes, cpu_cache_limit), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
+    server.start()
+    return server
