@@ -1,0 +1,135 @@
+"""The capacity table (rich, in the terminal), and capacity.json / capacity.csv /
+capacity.png beside it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from benchmarks.serving.capacity import CapacityResult  # noqa: E402
+from benchmarks.serving.report import to_jsonable  # noqa: E402
+from benchmarks.serving.slo import Slo  # noqa: E402
+
+CAPACITY_COLUMNS = (
+    "policy",
+    "capacity_rps",
+    "p99_tbt_s",
+    "p99_ttft_s",
+    "p50_ttft_s",
+    "p50_scheduling_delay_s",
+    "output_tokens_per_s",
+    "num_probes",
+)
+
+
+def capacity_row(result: CapacityResult) -> dict[str, Any]:
+    probe = result.at_capacity
+    summary = probe.summary if probe is not None else None
+    return {
+        "policy": result.policy,
+        "capacity_rps": result.capacity_rate,
+        "p99_tbt_s": summary.tbt_s.p99 if summary else None,
+        "p99_ttft_s": summary.ttft_s.p99 if summary else None,
+        "p50_ttft_s": summary.ttft_s.p50 if summary else None,
+        "p50_scheduling_delay_s": summary.scheduling_delay_s.p50 if summary else None,
+        "output_tokens_per_s": summary.output_token_throughput if summary else None,
+        "num_probes": len(result.probes),
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value * 1e3:.0f} ms"
+
+
+def capacity_table(results: Sequence[CapacityResult], slo: Slo, title: str) -> Table:
+    table = Table(title=f"{title}\nSLO: {slo.describe()}")
+    for name in ("policy", "capacity (req/s)", "P99 TBT", "P99 TTFT", "P50 TTFT", "tokens/s", "probes"):
+        table.add_column(name, justify="left" if name == "policy" else "right")
+    for result in results:
+        row = capacity_row(result)
+        tokens = row["output_tokens_per_s"]
+        table.add_row(
+            result.policy,
+            f"{result.capacity_rate:.3g}" if result.capacity_rate > 0 else "none",
+            _ms(row["p99_tbt_s"]),
+            _ms(row["p99_ttft_s"]),
+            _ms(row["p50_ttft_s"]),
+            "-" if tokens is None else f"{tokens:.0f}",
+            str(row["num_probes"]),
+        )
+    return table
+
+
+def write_capacity_report(
+    out_dir: Path, results: Sequence[CapacityResult], slo: Slo, metadata: Mapping[str, Any]
+) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "capacity.json",
+        "csv": out_dir / "capacity.csv",
+        "png": out_dir / "capacity.png",
+    }
+    document = {
+        "metadata": metadata,
+        "slo": slo,
+        "table": [capacity_row(r) for r in results],
+        "probes": {
+            r.policy: [
+                {
+                    "rate": p.rate,
+                    "passed": p.passed,
+                    "violations": p.violations,
+                    "stopped_early": p.stopped_early,
+                    "summary": p.summary,
+                }
+                for p in r.probes
+            ]
+            for r in results
+        },
+    }
+    paths["json"].write_text(json.dumps(to_jsonable(document), indent=1) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CAPACITY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(capacity_row(r) for r in results)
+    plot_capacity(results, slo, paths["png"])
+    return paths
+
+
+def plot_capacity(results: Sequence[CapacityResult], slo: Slo, path: Path) -> None:
+    """Left: capacity per policy. Right: every probe's P99 TBT against its rate (filled when it
+    met the SLO), the SLO as a line: the search made visible."""
+    fig, (bars, probes) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    names = [r.policy for r in results]
+    colors = [f"C{i}" for i in range(len(results))]
+    bars.bar(names, [r.capacity_rate for r in results], color=colors)
+    bars.set_ylabel("capacity (requests/s)")
+    bars.set_title("Capacity under the SLO")
+    for i, result in enumerate(results):
+        points = sorted((p.rate, p.summary.tbt_s.p99, p.passed) for p in result.probes if p.summary)
+        if not points:
+            continue
+        rates = [rate for rate, _, _ in points]
+        p99s = [p99 for _, p99, _ in points]
+        probes.plot(rates, p99s, color=colors[i], linewidth=1, label=result.policy)
+        for rate, p99, passed in points:
+            probes.scatter(rate, p99, color=colors[i], facecolors=colors[i] if passed else "none", zorder=3)
+    if slo.p99_tbt_s is not None:
+        probes.axhline(slo.p99_tbt_s, color="red", linestyle="--", linewidth=1, label="P99 TBT SLO")
+    probes.set_xlabel("request rate (requests/s)")
+    probes.set_ylabel("P99 TBT (s)")
+    probes.set_title("Probes (hollow: SLO missed)")
+    probes.grid(alpha=0.3)
+    probes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,360 @@
+"""Command lines: `sarathi bench` -> main_bench(argv), `sarathi capacity` -> main_capacity(argv).
+
+Both drive a server given by --address, or start a local `sarathi serve` themselves (one per
+policy for capacity) and stop it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.serving.bench import BenchResult, measure_decode_time_s, run_bench, warm_up
+from benchmarks.serving.capacity import CapacityResult, Probe, SearchParams, search_capacity
+from benchmarks.serving.capacity_report import capacity_table, write_capacity_report
+from benchmarks.serving.client import ClientOptions
+from benchmarks.serving.metrics import Distribution, RunSummary
+from benchmarks.serving.report import plot_cdfs, write_run_report
+from benchmarks.serving.server_process import LocalServer, ServerLaunch
+from benchmarks.serving.slo import EarlyFailRule, Slo
+from benchmarks.serving.workload import ARRIVAL_KINDS, LENGTH_KINDS, WorkloadConfig, build_workload, with_rate
+
+
+def token_range(text: str) -> tuple[int, int]:
+    """`128` or `64:256` (inclusive)."""
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--address", help="HOST:PORT of a running server; otherwise one is started locally")
+    group.add_argument(
+        "--chunk-size", type=int, help="passed to `sarathi serve` (token budget per iteration)"
+    )
+    group.add_argument("--model", help="passed to `sarathi serve` (default: the embedded SmolLM2-135M)")
+    group.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for `sarathi serve`, repeatable (e.g. --server-arg=--max-num-seqs=64)",
+    )
+    group.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+
+
+def add_workload_args(parser: argparse.ArgumentParser, arrivals: bool = True) -> None:
+    group = parser.add_argument_group("workload")
+    group.add_argument("--num-requests", type=int, default=32)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--lengths", choices=LENGTH_KINDS, default="fixed")
+    group.add_argument("--prompt-tokens", type=token_range, default=(128, 128), help="N or LOW:HIGH")
+    group.add_argument("--output-tokens", type=token_range, default=(32, 32), help="N or LOW:HIGH")
+    group.add_argument("--zipf-theta", type=float, default=1.1)
+    group.add_argument("--trace", help="chat, arxiv (shipped traces) or a .csv/.jsonl path")
+    group.add_argument("--length-scale", type=float, default=1.0, help="multiplies trace lengths")
+    group.add_argument("--max-prompt-tokens", type=int)
+    group.add_argument("--max-output-tokens", type=int)
+    if arrivals:
+        group.add_argument("--arrivals", choices=ARRIVAL_KINDS, default="poisson")
+        group.add_argument("--rate", type=float, default=2.0, help="requests/s (poisson, gamma)")
+        group.add_argument("--cv", type=float, default=1.0, help="gamma: burstiness (CV of gaps)")
+        group.add_argument("--time-scale", type=float, default=1.0, help="trace arrivals: time multiplier")
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
+    group.add_argument("--warmup", type=int, default=2, help="warm-up requests before measuring")
+
+
+def add_output_args(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"default: bench_results/{kind}-<UTC time>",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+
+
+def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    lengths = args.lengths
+    if args.trace and lengths == "fixed":
+        lengths = "trace"  # --trace alone means: take lengths from it
+    return WorkloadConfig(
+        num_requests=args.num_requests,
+        seed=args.seed,
+        lengths=lengths,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        zipf_theta=args.zipf_theta,
+        trace=args.trace,
+        length_scale=args.length_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        arrivals=getattr(args, "arrivals", "poisson"),
+        rate=getattr(args, "rate", 1.0),
+        burstiness_cv=getattr(args, "cv", 1.0),
+        time_scale=getattr(args, "time_scale", 1.0),
+    )
+
+
+def client_options(args: argparse.Namespace) -> ClientOptions:
+    return ClientOptions(seed=args.seed, temperature=args.temperature, request_timeout_s=args.request_timeout)
+
+
+def output_dir(args: argparse.Namespace, kind: str) -> Path:
+    if args.output_dir is not None:
+        return args.output_dir
+    return Path("bench_results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+@contextlib.contextmanager
+def server_address(args: argparse.Namespace, policy: str | None, log_dir: Path) -> Iterator[str]:
+    if args.address:
+        yield args.address
+        return
+    launch = ServerLaunch(
+        policy=policy,
+        chunk_size=args.chunk_size,
+        model=args.model,
+        extra_args=tuple(args.server_arg),
+        startup_timeout_s=args.startup_timeout,
+        log_path=log_dir / f"server-{policy or 'default'}.log",
+    )
+    with LocalServer(launch) as server:
+        yield server.address
+
+
+def summary_table(results: Sequence[BenchResult]) -> Table:
+    table = Table(title="Serving benchmark (latencies in ms)")
+    table.add_column("run")
+    table.add_column("metric")
+    for name in ("P50", "P90", "P99", "max", "mean", "n"):
+        table.add_column(name, justify="right")
+    for result in results:
+        s = result.summary
+        rows: list[tuple[str, Distribution]] = [
+            ("TTFT", s.ttft_s),
+            ("TBT", s.tbt_s),
+            ("e2e", s.e2e_s),
+            ("per token", s.normalized_latency_s),
+        ]
+        if s.scheduling_delay_s.count:
+            rows.append(("sched delay", s.scheduling_delay_s))
+        for i, (name, d) in enumerate(rows):
+            cells = [f"{v * 1e3:.1f}" for v in (d.p50, d.p90, d.p99, d.max, d.mean)]
+            table.add_row(result.label if i == 0 else "", name, *cells, str(d.count))
+        table.add_section()
+    return table
+
+
+def throughput_line(summary: RunSummary) -> str:
+    return (
+        f"{summary.num_completed}/{summary.num_requests} completed in {summary.duration_s:.1f} s: "
+        f"{summary.request_throughput:.2f} req/s, {summary.output_token_throughput:.0f} output tokens/s; "
+        f"client send lag max {summary.send_lag_s.max * 1e3:.1f} ms"
+    )
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sarathi bench",
+        description="Drive a server with an open-loop workload over gRPC; write JSON, CSV and CDF plots.",
+    )
+    parser.add_argument("--policy", default=None, help="policy of the local server (and the run's label)")
+    parser.add_argument("--label", default=None, help="name of the run in files and plots")
+    add_server_args(parser)
+    add_workload_args(parser)
+    add_output_args(parser, "bench")
+    return parser
+
+
+def main_bench(argv: list[str] | None = None) -> int:
+    args = bench_parser().parse_args(argv)
+    console = Console()
+    config = workload_config(args)
+    out_dir = output_dir(args, "bench")
+    label = args.label or args.policy or "run"
+    specs = build_workload(config)
+    options = client_options(args)
+    with server_address(args, args.policy, out_dir) as address:
+        console.print(f"[bold]bench[/] {label}: {len(specs)} requests against {address}")
+        asyncio.run(warm_up(address, args.warmup, options))
+        result = asyncio.run(
+            run_bench(address, specs, label, options, console=console, show_progress=not args.no_progress)
+        )
+    metadata = {
+        "command": ["sarathi", "bench", *(argv if argv is not None else sys.argv[1:])],
+        "workload": asdict(config),
+        "server": asdict(result.server),
+        "address": args.address,
+        "policy": args.policy,
+        "chunk_size": args.chunk_size,
+    }
+    files = write_run_report(out_dir, label, result.records, result.summary, metadata)
+    console.print(summary_table([result]))
+    console.print(throughput_line(result.summary))
+    console.print(f"wrote {files.json}, {files.csv}, {files.ttft_cdf}, {files.tbt_cdf}")
+    return 0 if result.summary.num_failed == 0 else 1
+
+
+# ------------------------------------------------------------------------------------- capacity
+
+
+def capacity_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sarathi capacity",
+        description=(
+            "Find, per policy, the highest Poisson request rate that meets a latency SLO "
+            "(bisection), and print one table."
+        ),
+    )
+    parser.add_argument(
+        "--policies",
+        default="sarathi,vllm,orca",
+        help="comma-separated; a fresh server per policy (with --address: one label for that server)",
+    )
+    add_server_args(parser)
+    add_workload_args(parser, arrivals=False)
+    parser.set_defaults(num_requests=64, trace="chat", length_scale=1 / 16)
+    slo = parser.add_argument_group("SLO (seconds; P99 TBT also as Nx the measured batch-1 decode time)")
+    slo.add_argument("--slo-p99-tbt", default="5x", help="seconds, or e.g. 5x / 25x (default 5x: strict)")
+    slo.add_argument("--slo-p99-ttft", type=float, default=None)
+    slo.add_argument(
+        "--slo-p50-ttft",
+        type=float,
+        default=2.0,
+        help="stand-in for the paper's median scheduling delay <= 2 s while the server does not report it",
+    )
+    slo.add_argument("--slo-p50-scheduling-delay", type=float, default=2.0)
+    search = parser.add_argument_group("search")
+    search.add_argument("--initial-rate", type=float, default=1.0)
+    search.add_argument("--min-rate", type=float, default=0.05)
+    search.add_argument("--max-probes", type=int, default=7)
+    search.add_argument("--rel-tol", type=float, default=0.15)
+    add_output_args(parser, "capacity")
+    return parser
+
+
+def parse_tbt_bound(text: str) -> tuple[float | None, float | None]:
+    """(seconds, multiple of the decode time): `0.1` -> (0.1, None); `5x` -> (None, 5.0)."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return None, None
+    if text.endswith("x"):
+        return None, float(text[:-1])
+    return float(text), None
+
+
+def main_capacity(argv: list[str] | None = None) -> int:
+    args = capacity_parser().parse_args(argv)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.address and len(policies) != 1:
+        raise SystemExit("with --address, give exactly one name in --policies (the running server's policy)")
+    console = Console()
+    out_dir = output_dir(args, "capacity")
+    config = replace(workload_config(args), arrivals="poisson")
+    params = SearchParams(
+        initial_rate=args.initial_rate,
+        min_rate=args.min_rate,
+        max_probes=args.max_probes,
+        rel_tol=args.rel_tol,
+    )
+    tbt_seconds, tbt_multiple = parse_tbt_bound(args.slo_p99_tbt)
+    slo = Slo(
+        p99_tbt_s=tbt_seconds,
+        p99_ttft_s=args.slo_p99_ttft,
+        p50_ttft_s=args.slo_p50_ttft,
+        p50_scheduling_delay_s=args.slo_p50_scheduling_delay,
+    )
+    options = client_options(args)
+    results: list[CapacityResult] = []
+    best_runs: dict[str, BenchResult] = {}
+    decode_time_s: float | None = None
+    for policy in policies:
+        with server_address(args, None if args.address else policy, out_dir) as address:
+            asyncio.run(warm_up(address, args.warmup, options))
+            if tbt_multiple is not None and decode_time_s is None:
+                # Once, on the first server: every policy is held to the same SLO.
+                decode_time_s = asyncio.run(measure_decode_time_s(address, options))
+                slo = replace(slo, p99_tbt_s=tbt_multiple * decode_time_s)
+                console.print(
+                    f"batch-1 decode time {decode_time_s * 1e3:.1f} ms -> P99 TBT SLO "
+                    f"{tbt_multiple:g}x = {slo.p99_tbt_s * 1e3:.0f} ms"
+                )
+            console.print(f"[bold]{policy}[/]: SLO {slo.describe()}")
+            result, best = asyncio.run(
+                _search_policy(policy, address, config, slo, params, options, args, console)
+            )
+        results.append(result)
+        if best is not None:
+            best_runs[policy] = best
+    title = f"Capacity, {config.num_requests} requests per probe, workload {config.trace or config.lengths}"
+    console.print(capacity_table(results, slo, title))
+    metadata = {
+        "command": ["sarathi", "capacity", *(argv if argv is not None else sys.argv[1:])],
+        "workload": asdict(config),
+        "search": asdict(params),
+        "decode_time_s": decode_time_s,
+        "tbt_slo_multiple": tbt_multiple,
+        "chunk_size": args.chunk_size,
+        "server": asdict(next(iter(best_runs.values())).server) if best_runs else None,
+    }
+    paths = write_capacity_report(out_dir, results, slo, metadata)
+    _write_best_runs(out_dir, best_runs, slo, metadata)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+async def _search_policy(
+    policy: str,
+    address: str,
+    config: WorkloadConfig,
+    slo: Slo,
+    params: SearchParams,
+    options: ClientOptions,
+    args: argparse.Namespace,
+    console: Console,
+) -> tuple[CapacityResult, BenchResult | None]:
+    runs: dict[float, BenchResult] = {}
+
+    async def probe(rate: float) -> Probe:
+        specs = build_workload(with_rate(config, rate))
+        rule = EarlyFailRule(slo, [s.num_output_tokens for s in specs])
+        label = f"{policy} @ {rate:.3g} req/s"
+        run = await run_bench(address, specs, label, options, rule, console, not args.no_progress)
+        violations = slo.violations(run.summary)
+        if run.stopped_early:
+            violations = [f"stopped early: {run.stopped_early}", *violations]
+        runs[rate] = run
+        verdict = "[green]meets SLO[/]" if not violations else f"[red]misses[/] ({'; '.join(violations)})"
+        s = run.summary
+        console.print(
+            f"  {label}: P99 TBT {s.tbt_s.p99 * 1e3:.0f} ms, P50 TTFT {s.ttft_s.p50 * 1e3:.0f} ms, "
+            f"P99 TTFT {s.ttft_s.p99 * 1e3:.0f} ms: {verdict}"
+        )
+        return Probe(rate, not violations, tuple(violations), run.summary, run.stopped_early)
+
+    result = await search_capacity(policy, probe, params)
+    return result, runs.get(result.capacity_rate) if result.capacity_rate > 0 else None
+
+
+def _write_best_runs(out_dir: Path, runs: dict[str, BenchResult], slo: Slo, metadata: dict) -> None:
+    """Per policy, the run at its capacity (JSON, CSV, CDFs), and CDFs of all policies together."""
+    for policy, run in runs.items():
+        write_run_report(out_dir / "at_capacity", policy, run.records, run.summary, metadata)
+    if runs:
+        ttft = {p: [r.ttft_s for r in run.records if r.ttft_s is not None] for p, run in runs.items()}
+        tbt = {p: [g for r in run.records for g in r.tbt_gaps_s] for p, run in runs.items()}
+        plot_cdfs(ttft, "TTFT (s)", "TTFT at capacity", out_dir / "ttft_cdf.png")
+        plot_cdfs(tbt, "time between tokens (s)", "TBT at capacity", out_dir / "tbt_cdf.png", slo.p99_tbt_s)

@@ -1,0 +1,146 @@
+"""Starts a local `sarathi serve` in its own process group, waits until it reports SERVING on
+grpc.health.v1, and stops the whole group (scheduler, worker) afterwards.
+
+Capacity search starts a fresh server per policy so that no policy inherits another's cache
+state or warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HEALTH_POLL_S = 0.5
+STOP_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class ServerLaunch:
+    policy: str | None = None
+    chunk_size: int | None = None
+    model: str | None = None
+    extra_args: tuple[str, ...] = ()  # passed to `sarathi serve` as they are
+    startup_timeout_s: float = 300.0  # the first start converts the GGUF weights
+    log_path: Path | None = None  # the server's stdout and stderr; a temporary file if None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self, port: int) -> list[str]:
+        args = [*sarathi_command(), "serve", "--port", str(port)]
+        if self.policy is not None:
+            args += ["--policy", self.policy]
+        if self.chunk_size is not None:
+            args += ["--chunk-size", str(self.chunk_size)]
+        if self.model is not None:
+            args += ["--model", self.model]
+        return args + list(self.extra_args)
+
+
+def sarathi_command() -> list[str]:
+    """The console script beside this interpreter (the venv's), else the module."""
+    script = Path(sys.executable).with_name("sarathi")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "sarathi.cli"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def wait_until_serving(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise ServerStartError(f"the server exited with code {process.returncode} while starting")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"{address} did not report SERVING within {timeout_s:.0f} s")
+            time.sleep(HEALTH_POLL_S)
+
+
+class LocalServer:
+    """`with LocalServer(launch) as server:` ... `server.address`."""
+
+    def __init__(self, launch: ServerLaunch) -> None:
+        self.launch = launch
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.log_path = launch.log_path
+
+    def __enter__(self) -> LocalServer:
+        if self.log_path is None:
+            self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sarathi-bench-server-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.launch.command(self.port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.launch.env},
+            start_new_session=True,  # its own process group, so stopping reaches the worker too
+        )
+        log.close()
+        try:
+            wait_until_serving(self.address, self.launch.startup_timeout_s, self.process)
+        except BaseException as e:
+            self.stop()
+            if isinstance(e, ServerStartError):
+                raise ServerStartError(f"{e}\n--- {self.log_path} (tail) ---\n{self.log_tail()}") from None
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        # Signals go to the group this server leads (pgid == its pid), nothing else.
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_GRACE_S)
+        # Children that outlive the leader (a worker) still belong to its group.
+        _signal_group(process.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,57 @@
+"""The capacity search, against probes whose outcome is a known function of the rate."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.serving.capacity import Probe, SearchParams, search_capacity
+
+
+def search(threshold: float, params: SearchParams):
+    """A server that meets the SLO at any rate up to `threshold`."""
+    probed: list[float] = []
+
+    async def probe(rate: float) -> Probe:
+        probed.append(rate)
+        passed = rate <= threshold
+        return Probe(rate, passed, () if passed else ("too slow",))
+
+    return asyncio.run(search_capacity("p", probe, params)), probed
+
+
+@given(st.floats(min_value=0.05, max_value=500))
+@settings(max_examples=50, deadline=None)
+def test_capacity_is_a_passing_rate_within_tolerance_of_the_threshold(threshold):
+    params = SearchParams(initial_rate=1.0, min_rate=0.01, max_probes=30, rel_tol=0.05)
+    result, probed = search(threshold, params)
+    assert result.capacity_rate <= threshold
+    assert result.capacity_rate >= threshold / 1.05 - 1e-9
+    assert result.at_capacity is not None and result.at_capacity.rate == result.capacity_rate
+
+
+def test_search_never_exceeds_its_probe_budget():
+    result, probed = search(37.0, SearchParams(initial_rate=1.0, max_probes=5, rel_tol=1e-6))
+    assert len(probed) == len(result.probes) == 5
+    assert result.capacity_rate == 16.0  # the doubling 1, 2, 4, 8, 16 used the budget up
+
+
+def test_no_capacity_when_even_the_lowest_rate_fails():
+    result, probed = search(0.001, SearchParams(initial_rate=1.0, min_rate=0.1, max_probes=20))
+    assert result.capacity_rate == 0.0 and result.at_capacity is None
+    assert min(probed) == 0.1
+
+
+def test_search_stops_at_max_rate_when_everything_passes():
+    result, probed = search(1e9, SearchParams(initial_rate=1.0, max_rate=8.0, max_probes=20))
+    assert result.capacity_rate == 8.0 and probed == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_bad_search_parameters_are_refused():
+    with pytest.raises(ValueError):
+        SearchParams(initial_rate=0.0)
+    with pytest.raises(ValueError):
+        SearchParams(max_probes=0)
