@@ -77,6 +77,8 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
                    help="share of the worker's free memory the KV cache may take")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     g.add_argument("--max-queue", type=int, default=4096, help="requests in flight before RESOURCE_EXHAUSTED")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
 
 
 def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None) -> None:
@@ -95,7 +97,7 @@ def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None
         memory_fraction=args.memory_fraction)
     try:
         asyncio.run(serve_frontend(args.host, args.port, engine_kwargs, tokenizer, source.name,
-                                   args.max_queue))
+                                   args.max_queue, args.metrics_port))
     except KeyboardInterrupt:
         pass
 

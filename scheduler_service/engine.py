@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from scheduler_service.block_manager import BlockManager
+from scheduler_service.metrics import EngineStats
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
 from scheduler_service.scheduler import CapacityError, RequestUpdate, Scheduler
@@ -69,6 +70,7 @@ class EngineReady:
 @dataclass
 class StepUpdates:
     updates: list[RequestUpdate]
+    stats: EngineStats
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Engine:
         self.link = WorkerLink(config.worker_address)
         self.scheduler: Scheduler | None = None
         self.trace: deque[IterationRecord] = deque(maxlen=config.trace_length)
+        self.preemptions_total = 0
 
     def start(self) -> None:
         cfg = self.config
@@ -150,11 +153,15 @@ class Engine:
             return
         result = self.link.step(plan)
         updates = sched.update(result)
-        if updates:
-            self.out.send_pyobj(StepUpdates(updates))
-        self._record(plan, start, result.timings.forward_ns)
+        record = self._record(plan, start, result.timings.forward_ns)
+        self.preemptions_total += record.num_preempted
+        self.out.send_pyobj(StepUpdates(updates, EngineStats(
+            num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
+            kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,
+            preemptions_total=self.preemptions_total, iteration_s=record.duration_s,
+            num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens)))
 
-    def _record(self, plan, start: float, forward_ns: int) -> None:
+    def _record(self, plan, start: float, forward_ns: int) -> IterationRecord:
         sched = self.scheduler
         assert sched is not None and sched.last_schedule is not None
         decode_ids, prefill_ids, decode_tokens, prefill_tokens = [], [], 0, 0
@@ -167,13 +174,15 @@ class Engine:
             else:
                 prefill_ids.append(req.seq_id)
                 prefill_tokens += chunk.num_tokens
-        self.trace.append(IterationRecord(
+        record = IterationRecord(
             step_id=plan.step_id, start=start, duration_s=time.monotonic() - start,
             num_prefill_tokens=prefill_tokens, num_decode_tokens=decode_tokens,
             decode_seq_ids=decode_ids, prefill_seq_ids=prefill_ids,
             num_preempted=len(sched.last_schedule.preempted),
             kv_blocks_used=sched.blocks.num_used_blocks, num_waiting=len(sched.state.waiting),
-            worker_forward_ns=forward_ns))
+            worker_forward_ns=forward_ns)
+        self.trace.append(record)
+        return record
 
     def _drain_commands(self, block: bool) -> None:
         timeout = -1 if block else 0

@@ -12,6 +12,7 @@ import itertools
 import logging
 import multiprocessing
 import tempfile
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +36,7 @@ from scheduler_service.engine import (
     Trace,
     run_engine,
 )
+from scheduler_service.metrics import ServerMetrics
 from scheduler_service.request import FinishReason, Request
 from scheduler_service.scheduler import RequestUpdate
 
@@ -61,7 +63,8 @@ class _Stream:
 class EngineClient:
     """Starts the engine process and routes its updates to waiting Generate calls."""
 
-    def __init__(self, config_kwargs: dict) -> None:
+    def __init__(self, config_kwargs: dict, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
         self._dir = tempfile.mkdtemp(prefix="sarathi-")
         self.command_address = f"ipc://{self._dir}/commands"
         self.update_address = f"ipc://{self._dir}/updates"
@@ -96,6 +99,7 @@ class EngineClient:
         while True:
             msg = await self.updates.recv_pyobj()
             if isinstance(msg, StepUpdates):
+                self.metrics.observe_engine(msg.stats)
                 for upd in msg.updates:
                     stream = self.streams.get(upd.seq_id)
                     if stream is not None:
@@ -161,6 +165,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                  if self.tokenizer is not None else None)
         finished = False
         completion = 0
+        metrics = self.engine.metrics
+        arrival = last = time.monotonic()
         try:
             await self.engine.send(AddRequest(Request(
                 seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options,
@@ -175,6 +181,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {msg.message}")
                 assert isinstance(msg, RequestUpdate)
                 completion += len(msg.new_token_ids)
+                now = time.monotonic()
+                if completion == len(msg.new_token_ids):
+                    metrics.ttft.observe(now - arrival)
+                else:
+                    metrics.tbt.observe(now - last)
+                last = now
+                metrics.generated.inc(len(msg.new_token_ids))
                 reason = msg.finish_reason
                 text = ""
                 if detok is not None:
@@ -186,6 +199,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     token_ids=msg.new_token_ids, text=text))
                 if reason is not None:
                     finished = True
+                    metrics.finished.labels(reason.value).inc()
                     if msg.finish_reason is None:  # a stop string: the engine must stop too
                         await self.engine.send(AbortRequest(seq_id))
                     tail = detok.flush() if detok is not None and reason is not FinishReason.STOP else ""
@@ -269,9 +283,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
 
 async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, model_name: str,
-                         max_queue: int = 4096, started: asyncio.Event | None = None) -> None:
+                         max_queue: int = 4096, metrics_port: int | None = None) -> None:
     """Runs the gRPC API until cancelled; the engine process lives as long as this coroutine."""
-    engine = EngineClient(engine_kwargs)
+    metrics = ServerMetrics()
+    if metrics_port is not None:
+        metrics.serve(host, metrics_port)
+    engine = EngineClient(engine_kwargs, metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     service = GenerationService(engine, tokenizer, model_name, max_queue)
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
@@ -304,9 +321,6 @@ async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, m
 
     reader = asyncio.create_task(engine.read_updates(on_ready, on_failure))
     watchdog = asyncio.create_task(_watch_engine(engine, on_failure))
-    server.service = service  # type: ignore[attr-defined]  # for in-process tests
-    if started is not None:
-        started.set()
     try:
         await server.wait_for_termination()
     finally:

@@ -1,0 +1,163 @@
+"""Shared fixtures: real server processes on loopback, and Hugging Face reference generations."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from protos import generation_pb2, generation_pb2_grpc
+from sarathi.cli import free_port, wait_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningServer:
+    address: str
+    metrics_port: int
+    proc: subprocess.Popen
+
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        return generation_pb2_grpc.GenerationStub(grpc.insecure_channel(self.address))
+
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus gauges and counters, by sample name (no labels)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
+        values = {}
+        for line in text.decode().splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_server(*args: str, timeout: float = 300) -> RunningServer:
+    port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
+           "--metrics-port", str(metrics_port), "--threads", "2", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    server = RunningServer(f"127.0.0.1:{port}", metrics_port, proc)
+    try:
+        wait_serving(server.address, timeout, proc)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> Iterator:
+    started: list[RunningServer] = []
+
+    def factory(*args: str) -> RunningServer:
+        server = start_server(*args)
+        started.append(server)
+        return server
+
+    yield factory
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(server_factory) -> RunningServer:
+    """The embedded model with a small chunk size, shared by tests that only read from it."""
+    return server_factory("--chunk-size", "64")
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """transformers' own Llama on the same converted weights: the reference for exactness."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sarathi.model_spec import resolve
+    from worker_service.models.loader import hf_folder_for
+
+    folder = str(hf_folder_for(resolve(None)))
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate, one prompt at a time (no padding), never stopping at EOS."""
+    import copy
+
+    import torch
+
+    model, _ = hf_model
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # like ignore_eos: EOS is a token like any other
+    config.do_sample, config.max_new_tokens, config.pad_token_id = False, max_new_tokens, 0
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def greedy_request(prompt_ids: list[int], max_tokens: int) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=prompt_ids),
+        sampling=generation_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def collect(stream) -> tuple[list[int], str, generation_pb2.Finished]:
+    tokens: list[int] = []
+    text = ""
+    finished = None
+    for msg in stream:
+        if msg.HasField("chunk"):
+            tokens += msg.chunk.token_ids
+            text += msg.chunk.text
+        else:
+            finished = msg.finished
+            text += finished.text
+    assert finished is not None, "the stream ended without a Finished message"
+    return tokens, text, finished
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+LONG_TEXT = (
+    "The history of computing is a story of ideas meeting machines. Early mechanical calculators "
+    "gave way to electronic computers, which grew from rooms full of vacuum tubes to chips holding "
+    "billions of transistors. Along the way, programmers invented languages, compilers, operating "
+    "systems and networks, and each layer made the next one possible. Today large language models "
+    "run on accelerators that multiply matrices faster than anyone imagined, and serving them well "
+    "is an engineering problem of its own: batching requests, managing memory for attention caches, "
+    "and keeping latency low for every user while the hardware stays busy. "
+)
+
+
+@pytest.fixture(scope="session")
+def long_token_ids(hf_model) -> list[int]:
+    _, tok = hf_model
+    ids = tok.encode(LONG_TEXT * 8, add_special_tokens=False)
+    assert len(ids) >= 700
+    return ids

@@ -1,0 +1,146 @@
+"""Each Triton kernel against its torch reference, on fresh random inputs at awkward sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.kv_write import write_kv, write_kv_ref
+from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
+from kernels.paged_attention import paged_attention
+from kernels.rotary import rotary_, rotary_ref
+from worker_service.attention import AttentionMetadata
+
+DEV = torch.device("cuda")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,cols", [(1, 576), (7, 4096), (33, 3584), (130, 1000)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_add_rmsnorm(dtype, rows, cols, with_residual):
+    x = torch.randn(rows, cols, device=DEV, dtype=dtype)
+    res = torch.randn(rows, cols, device=DEV, dtype=dtype) if with_residual else None
+    w = torch.randn(cols, device=DEV, dtype=dtype)
+    out, total = fused_add_rmsnorm(x, res, w, 1e-5)
+    ref_out, ref_total = fused_add_rmsnorm_ref(x.double(), None if res is None else res.double(),
+                                               w.double(), 1e-5)
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(total, ref_total) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (17, 14336), (5, 1000)])
+def test_silu_and_mul(dtype, rows, inter):
+    x = torch.randn(rows, 2 * inter, device=DEV, dtype=dtype)
+    assert rel_err(silu_and_mul(x), silu_and_mul_ref(x.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 32, 8, 128), (13, 9, 3, 64),
+                                                            (130, 28, 4, 128)])
+def test_rotary_in_place_on_qkv_views(dtype, tokens, heads, kv_heads, head_dim):
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEV, dtype=dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    freqs = torch.outer(torch.arange(4096, device=DEV, dtype=torch.float32),
+                        1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=DEV) / head_dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    positions = torch.randint(0, 4096, (tokens,), device=DEV)
+    ref_q, ref_k = rotary_ref(q.double(), k.double(), positions, cos.double(), sin.double())
+    untouched = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    rotary_(q, k, positions, cos, sin)
+    assert rel_err(q, ref_q) < TOL[dtype] and rel_err(k, ref_k) < TOL[dtype]
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], untouched)
+
+
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_write_kv_skips_negative_slots(tokens):
+    num_blocks, block_size, kv_heads, head_dim = 64, 16, 3, 64
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    ref = cache.clone()
+    kv = torch.randn(tokens, 2 * kv_heads * head_dim, device=DEV, dtype=torch.bfloat16)
+    k, v = (t.view(tokens, kv_heads, head_dim) for t in kv.chunk(2, dim=-1))
+    slots = torch.randperm(num_blocks * block_size, device=DEV)[:tokens]
+    slots[::5] = -1
+    write_kv(cache, k, v, slots)
+    write_kv_ref(ref, k, v, slots)
+    assert torch.equal(cache, ref)
+
+
+def random_batch(query_lens: list[int], context_lens: list[int], block_size: int, num_blocks: int):
+    """Metadata for sequences with disjoint random blocks (each context fully cached)."""
+    blocks = torch.randperm(num_blocks).tolist()
+    tables = []
+    for ctx in context_lens:
+        need = -(-ctx // block_size)
+        tables.append(blocks[:need])
+        blocks = blocks[need:]
+    width = max(len(t) for t in tables)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    slots = [tables[i][p // block_size] * block_size + p % block_size
+             for i, (n, ctx) in enumerate(zip(query_lens, context_lens, strict=True))
+             for p in range(ctx - n, ctx)]
+    return AttentionMetadata(
+        query_start=torch.tensor(starts, dtype=torch.int32, device=DEV),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEV),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                  device=DEV),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEV),
+        block_size=block_size, query_start_host=starts, context_lens_host=context_lens,
+        num_decode_only=all(n == 1 for n in query_lens))
+
+
+BATCHES = [
+    ([1], [1]),                                  # one token, one key
+    ([1] * 5, [17, 1, 300, 64, 1000]),           # decodes only, ragged contexts
+    ([77], [77]),                                # a whole prompt
+    ([50, 1, 1, 200, 1], [150, 33, 517, 200, 2]),  # hybrid: chunks after cached prefixes + decodes
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 4, 64)])
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_paged_attention(dtype, heads, kv_heads, head_dim, batch, block_size):
+    from worker_service.attention.torch_ref import TorchAttention
+
+    query_lens, context_lens = batch
+    meta = random_batch(query_lens, context_lens, block_size, num_blocks=128 * 32 // block_size)
+    cache = torch.randn(128 * 32 // block_size, 2, block_size, kv_heads, head_dim, device=DEV,
+                        dtype=dtype)
+    q = torch.randn(sum(query_lens), heads, head_dim, device=DEV, dtype=dtype)
+    scale = head_dim ** -0.5
+    ref = TorchAttention().forward(q.double(), cache.double(), meta, scale)
+    out = paged_attention(q, cache, meta, scale, max(query_lens))
+    assert rel_err(out, ref) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_flashinfer_backend(heads, kv_heads, head_dim, batch):
+    pytest.importorskip("flashinfer")
+    from worker_service.attention.flashinfer_backend import FlashInferAttention
+    from worker_service.attention.torch_ref import TorchAttention
+
+    dtype, block_size = torch.bfloat16, 16
+    query_lens, context_lens = batch
+    meta = random_batch(query_lens, context_lens, block_size, num_blocks=256)
+    cache = torch.randn(256, 2, block_size, kv_heads, head_dim, device=DEV, dtype=dtype)
+    q = torch.randn(sum(query_lens), heads, head_dim, device=DEV, dtype=dtype)
+    backend = FlashInferAttention(DEV)
+    backend.configure(heads, kv_heads, head_dim, dtype)
+    backend.begin_iteration(meta)
+    out = backend.forward(q, cache, meta, head_dim ** -0.5)
+    ref = TorchAttention().forward(q.double(), cache.double(), meta, head_dim ** -0.5)
+    assert rel_err(out, ref) < TOL[dtype]

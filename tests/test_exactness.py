@@ -1,0 +1,49 @@
+"""Greedy tokens through the real services equal transformers' generate on the same weights."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import collect, greedy_request, hf_greedy
+
+PROMPT_LENGTHS = [5, 12, 33, 70, 128, 201, 333, 600]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def prompts(long_token_ids) -> list[list[int]]:
+    return [long_token_ids[7 * i: 7 * i + n] for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def references(hf_model, prompts) -> list[list[int]]:
+    return [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
+
+
+def run_concurrently(server, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    stub = server.stub()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: collect(stub.Generate(greedy_request(p, max_tokens))), prompts))
+    return [tokens for tokens, _, _ in results]
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64, 512])
+def test_concurrent_greedy_tokens_equal_transformers_generate(chunk_size, server_factory, default_server,
+                                                             prompts, references):
+    server = default_server if chunk_size == 64 else server_factory("--chunk-size", str(chunk_size))
+    got = run_concurrently(server, prompts, NEW_TOKENS)
+    for length, tokens, expected in zip(PROMPT_LENGTHS, got, references, strict=True):
+        assert tokens == expected, f"prompt of {length} tokens diverged"
+
+
+def test_preempted_requests_finish_with_exact_tokens_and_free_all_blocks(server_factory, prompts,
+                                                                          references):
+    # 48 blocks of 16 = 768 slots: the prompts need 1382 + 8 * 32, so requests must be preempted.
+    server = server_factory("--chunk-size", "64", "--num-kv-blocks", "48")
+    got = run_concurrently(server, prompts, NEW_TOKENS)
+    assert got == references
+    metrics = server.metrics()
+    assert metrics["sarathi_preemptions_total"] > 0, "the cache was meant to be too small"
+    assert metrics["sarathi_kv_blocks_used"] == 0
+    assert metrics["sarathi_requests_running"] == 0 and metrics["sarathi_requests_waiting"] == 0
