@@ -135,8 +135,27 @@ class LocalServer:
         except subprocess.TimeoutExpired:
             _signal_group(process.pid, signal.SIGKILL)
             process.wait(timeout=STOP_GRACE_S)
-        # Children that outlive the leader (a worker) still belong to its group.
-        _signal_group(process.pid, signal.SIGKILL)
+        # Children that outlive the leader (its worker, multiprocessing helpers) are still in its
+        # group: give them the same grace to exit on their own, then kill what is left.
+        if not wait_group_gone(process.pid, STOP_GRACE_S):
+            _signal_group(process.pid, signal.SIGKILL)
+
+
+def group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while group_exists(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
