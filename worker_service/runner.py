@@ -6,6 +6,7 @@ block tables) and fails loudly when it does not.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
 from worker_service.attention import AttentionMetadata
+from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
 
@@ -30,12 +32,40 @@ class SequenceState:
     sampling: SamplingOptions
 
 
+@dataclass
+class HostBatch:
+    """One iteration's inputs as host lists, before they become device tensors."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_start: list[int]
+    context_lens: list[int]
+    tables: list[list[int]]
+    sample_rows: list[int]
+    sample_seqs: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.query_start[-1] == len(self.context_lens)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype, *,
+                 cuda_graphs: bool | None = None,
+                 graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> None:
+        """cuda_graphs: capture decode-only iterations as CUDA graphs (at init_cache); None means
+        on for CUDA devices, off elsewhere."""
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
+        self.backend = model.backend
+        c = self.config
+        self.backend.configure(c.num_heads, c.num_kv_heads, c.head_dim, dtype)
+        self.use_cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graph_batch_sizes = graph_batch_sizes
+        self.graphs: DecodeGraphs | None = None
         self.block_size = 0
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
@@ -50,7 +80,8 @@ class ModelRunner:
 
     def init_cache(self, num_blocks: int, block_size: int) -> int:
         c = self.config
-        self.kv_caches = []  # free the old cache before allocating the new one
+        self.kv_caches = []  # free the old cache (and graphs that point into it) first
+        self.graphs = None
         self.kv_caches = [
             torch.zeros(num_blocks, 2, block_size, c.num_kv_heads, c.head_dim,
                         device=self.device, dtype=self.dtype)
@@ -58,7 +89,53 @@ class ModelRunner:
         ]
         self.block_size, self.num_blocks = block_size, num_blocks
         self.seqs.clear()
+        if self.use_cuda_graphs:
+            max_blocks = -(-c.max_model_len // block_size)
+            self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, block_size,
+                                       max_blocks, self.device, self.graph_batch_sizes)
+            self.graphs.capture()
         return num_blocks * self.bytes_per_block(block_size)
+
+    @torch.inference_mode()
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+        """Bytes the KV cache may take: `fraction` of the device's memory, less the weights,
+        the peak activations of a worst-case iteration (max_num_tokens prefill tokens, logits
+        for up to 256 rows) and room for the decode graphs. Call before init_cache."""
+        if self.device.type != "cuda":
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return int(avail * fraction)
+        c = self.config
+        n = max(1, min(max_num_tokens, c.max_model_len))
+        bs = 16
+        blocks = -(-n // bs)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        caches = [torch.empty(blocks, 2, bs, c.num_kv_heads, c.head_dim, device=self.device,
+                              dtype=self.dtype) for _ in range(c.num_layers)]
+        cache_bytes = sum(t.numel() * t.element_size() for t in caches)
+        meta = AttentionMetadata(
+            query_start=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
+            slot_mapping=torch.arange(n, dtype=torch.int64, device=self.device),
+            block_size=bs, query_start_host=[0, n], context_lens_host=[n])
+        ids = torch.randint(0, c.vocab_size, (n,), device=self.device)
+        pos = torch.arange(n, device=self.device)
+        self.backend.begin_iteration(meta)
+        hidden = self.model(ids, pos, caches, meta)
+        self.model.compute_logits(hidden[-min(n, 256):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
+        del caches, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        graph_room = 0
+        if self.use_cuda_graphs:  # each graph keeps its own logits; its activations share a pool
+            elem = 4 * c.vocab_size + 16 * (c.hidden_size + c.intermediate_size)
+            graph_room = sum(self.graph_batch_sizes) * elem + (256 << 20)
+        return max(0, int(total * fraction - peak - outside_torch - graph_room))
 
     # --- one iteration ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -72,9 +149,8 @@ class ModelRunner:
         seq_ids: list[int] = []
         tokens: list[int] = []
         if batch is not None:
-            input_ids, positions, meta, sample_rows, sample_seqs = batch
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[sample_rows]) if sample_seqs else None
+            sample_seqs = batch.sample_seqs
+            logits = self._forward(batch)
             t2 = time.perf_counter_ns()
             if logits is not None:
                 states = [self.seqs[s] for s in sample_seqs]
@@ -102,8 +178,38 @@ class ModelRunner:
             self.seqs[new.seq_id] = SequenceState(
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), 0, new.sampling)
 
-    def _prepare(self, plan: BatchPlan):
-        """Plan -> (input_ids, positions, metadata, rows to sample, their seq ids)."""
+    def _forward(self, batch: HostBatch) -> torch.Tensor | None:
+        """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits."""
+        graphs = self.graphs
+        if graphs is not None and batch.decode_only and len(batch.input_ids) <= graphs.max_batch:
+            return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.context_lens,
+                              batch.tables)
+        dev = self.device
+        width = max(len(t) for t in batch.tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32)
+        meta = AttentionMetadata(
+            query_start=torch.tensor(batch.query_start, dtype=torch.int32).to(dev, non_blocking=True),
+            context_lens=torch.tensor(batch.context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(batch.slots, dtype=torch.int64).to(dev, non_blocking=True),
+            block_size=self.block_size,
+            query_start_host=batch.query_start,
+            context_lens_host=batch.context_lens,
+            num_decode_only=batch.decode_only,
+        )
+        ids = torch.tensor(batch.input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos = torch.tensor(batch.positions, dtype=torch.int64).to(dev, non_blocking=True)
+        self.backend.begin_iteration(meta)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if not batch.sample_seqs:
+            return None
+        if len(batch.sample_rows) < len(batch.input_ids):
+            rows = torch.tensor(batch.sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
+            hidden = hidden[rows]
+        return self.model.compute_logits(hidden)
+
+    def _prepare(self, plan: BatchPlan) -> HostBatch | None:
+        """Plan -> host lists for this iteration, after checking it against our state."""
         if not plan.seq_ids:
             return None
         bs = self.block_size
@@ -144,20 +250,5 @@ class ModelRunner:
             if end == len(state.token_ids):
                 sample_rows.append(query_start[-1] - 1)
                 sample_seqs.append(seq_id)
-        width = max(len(t) for t in tables)
-        table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            query_start=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table_tensor.to(dev, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            block_size=bs,
-            query_start_host=query_start,
-            context_lens_host=context_lens,
-            num_decode_only=query_start[-1] == len(context_lens),
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        rows = torch.tensor(sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
-        return ids, pos, meta, rows, sample_seqs
+        return HostBatch(input_ids, positions, slots, query_start, context_lens, tables,
+                         sample_rows, sample_seqs)

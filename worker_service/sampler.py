@@ -1,7 +1,9 @@
-"""Turns logits into tokens: batched greedy, and temperature / top-k / top-p sampling.
+"""Turns logits into tokens for the whole batch at once: greedy, temperature, top-k, top-p.
 
-A seeded request draws its n-th token from a generator seeded by (seed, n), so its tokens do not
-depend on what else shares the batch, nor on preemption and recompute.
+Every row is sampled by the exponential race (argmax of probs / E with E ~ Exp(1)), which draws
+from probs exactly and needs no per-row host sync: the only sync is the final `.tolist()`.
+A seeded request draws its n-th token's noise from a generator seeded by (seed, n), so its
+tokens do not depend on what else shares the batch, nor on preemption and recompute.
 """
 
 from __future__ import annotations
@@ -18,27 +20,51 @@ def sample(logits: torch.Tensor, options: list[SamplingOptions], output_index: l
     """logits: [n, vocab] float32. output_index[i] is how many tokens sequence i generated so far."""
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, o in enumerate(options) if not o.greedy]
-    for i in random_rows:
-        o = options[i]
-        probs = _filtered_probs(logits[i], o)
-        gen = fallback
-        if o.seed is not None:
-            gen = torch.Generator(device=logits.device)
-            gen.manual_seed((o.seed * _SEED_MIX + output_index[i]) % (1 << 63))
-        tokens[i] = torch.multinomial(probs, 1, generator=gen)[0]
+    if random_rows:
+        rows = torch.tensor(random_rows, device="cpu").to(logits.device, non_blocking=True)
+        picked = _sample_rows(logits[rows], [options[i] for i in random_rows],
+                              [output_index[i] for i in random_rows], fallback)
+        tokens[rows] = picked
     return tokens.tolist()
 
 
-def _filtered_probs(logits: torch.Tensor, o: SamplingOptions) -> torch.Tensor:
-    scaled = logits / o.temperature
-    if 0 < o.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, o.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if o.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= o.top_p
+def _sample_rows(logits: torch.Tensor, options: list[SamplingOptions], output_index: list[int],
+                 fallback: torch.Generator) -> torch.Tensor:
+    probs = filtered_probs(logits, options)
+    noise = torch.empty_like(probs)
+    seeded = [i for i, o in enumerate(options) if o.seed is not None]
+    if len(seeded) < len(options):
+        noise.exponential_(generator=fallback)
+    for i in seeded:
+        gen = torch.Generator(device=logits.device)
+        gen.manual_seed((options[i].seed * _SEED_MIX + output_index[i]) % (1 << 63))
+        noise[i].exponential_(generator=gen)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def filtered_probs(logits: torch.Tensor, options: list[SamplingOptions]) -> torch.Tensor:
+    """Per-row temperature, then top-k (ties at the k-th value kept), then top-p (the smallest
+    prefix whose mass reaches top_p, always at least one token). [n, vocab] -> probabilities."""
+    n, vocab = logits.shape
+    dev = logits.device
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True).unsqueeze(1)
+
+    scaled = logits / column([o.temperature for o in options])
+    needs_k = [0 < o.top_k < vocab for o in options]
+    needs_p = [o.top_p < 1.0 for o in options]
+    if not any(needs_k) and not any(needs_p):
+        return torch.softmax(scaled, dim=-1)
+    sorted_vals, order = torch.sort(scaled, dim=-1, descending=True)
+    if any(needs_k):
+        k = [o.top_k if nk else vocab for o, nk in zip(options, needs_k, strict=True)]
+        kth_index = torch.tensor(k, dtype=torch.int64).to(dev, non_blocking=True).unsqueeze(1) - 1
+        kth = sorted_vals.gather(1, kth_index)
+        sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
+    sorted_probs = torch.softmax(sorted_vals, dim=-1)
+    if any(needs_p):
+        top_p = column([o.top_p if np_ else 2.0 for o, np_ in zip(options, needs_p, strict=True)])
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return probs
+    return torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)

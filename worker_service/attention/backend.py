@@ -30,13 +30,26 @@ class AttentionMetadata:
     query_start_host: list[int]
     context_lens_host: list[int]
     num_decode_only: bool = False  # every sequence has exactly one query token
+    # > 0 while a CUDA graph of this many (padded) decode rows is captured or replayed: the
+    # backend must then read only buffers that stay at fixed addresses for that batch size.
+    graph_batch_size: int = 0
+
+    @property
+    def max_query_len(self) -> int:
+        starts = self.query_start_host
+        return max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)
 
 
 class AttentionBackend(ABC):
     """Computes attention for a ragged hybrid batch over the paged KV cache of one layer."""
 
+    def configure(self, num_heads: int, num_kv_heads: int, head_dim: int,  # noqa: B027
+                  dtype: torch.dtype) -> None:
+        """Called once by the runner with the model's attention shape (optional hook)."""
+
     def begin_iteration(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
-        """Called once per iteration before the first layer (e.g. to plan GPU kernels)."""
+        """Called by the runner once per iteration before the first layer (e.g. to plan GPU
+        kernels); never inside a CUDA-graph capture, so it may do host work."""
 
     @abstractmethod
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

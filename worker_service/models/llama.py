@@ -3,6 +3,10 @@
 Our layout fuses q/k/v into one projection and gate/up into another, so each layer reads its
 input once per projection group. The model's signature stays `forward(input_ids, positions,
 kv_caches, meta)`: only attention reads the paged-cache metadata.
+
+On CUDA the memory-bound pieces run as Triton kernels from kernels/ (residual add fused into
+RMSNorm, rotary in place, SiLU-and-mul); everywhere else they are the torch ops below, which
+stay the exact reference path.
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); a None residual counts as zero."""
+        if x.is_cuda:
+            from kernels.norm import fused_add_rmsnorm
+
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 as the reference implementation does, then cast back.
         dtype = x.dtype
         x32 = x.float()
@@ -44,6 +59,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:
+            from kernels.rotary import rotary_
+
+            rotary_(q, k, positions, self.cos, self.sin)  # in place, in float32
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -116,7 +136,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            from kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -128,16 +153,25 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), positions, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's input delta, running residual) -> the same for the next layer.
+
+        Carrying the residual separately lets each norm fuse the preceding add; the sums are
+        the same additions in the same order as x + attn(...) then x + mlp(...).
+        """
+        h, residual = self.input_norm(x, residual)
+        h = self.attn(h, positions, rotary, kv_cache, meta)
+        h, residual = self.post_attn_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
+        self.backend = backend  # shared by every layer; the runner plans it once per iteration
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
@@ -150,10 +184,11 @@ class LlamaModel(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
-        return x
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, only for the rows that sample. Logits in float32."""
-        return self.lm_head(self.norm(hidden)).float()
+        return self.lm_head(self.norm(hidden)[0]).float()

@@ -1,0 +1,320 @@
+"""GPU benchmark of the worker's ModelRunner on dummy weights of real model shapes.
+
+Drives ModelRunner.execute with real BatchPlans (chunked prefills, decodes, a hybrid batch) and
+prints each time against its hardware floor, measured in the same run:
+  - decode step at batch 1..128, context 1024, vs (weight bytes + KV bytes read) / copy bandwidth;
+  - one prompt's prefill (512 / 2048 / 8192 tokens): time and MFU vs the measured bf16 matmul rate;
+  - a hybrid iteration: one 512-token chunk plus 64 decodes at context 1024;
+  - Hugging Face transformers `generate` on the same shape, batch 1 and 32, for comparison.
+Usage on the GPU machine (repo root, PYTHONPATH=$PWD):
+  python3 benchmarks/gpu_bench.py [--model llama3-8b] [--backend flashinfer] [--no-hf] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
+from sarathi.model_spec import resolve
+from worker_service.attention import make_backend
+from worker_service.models.loader import hf_config_for, load_model
+from worker_service.runner import ModelRunner
+
+DEV = torch.device("cuda")
+BLOCK = 16
+DECODE_BATCHES = (1, 8, 32, 64, 128)
+CONTEXT = 1024
+
+
+# --- ceilings -------------------------------------------------------------------------------
+def measure_copy_bandwidth() -> float:
+    """Bytes read plus written per second for a large device-to-device copy."""
+    import triton.testing
+
+    src = torch.randn(1 << 28, device=DEV)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def measure_matmul_flops(n: int = 8192) -> float:
+    import triton.testing
+
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+# --- driving the runner ---------------------------------------------------------------------
+class Driver:
+    """A minimal scheduler: owns block allocation and sequence ids, builds BatchPlans."""
+
+    def __init__(self, runner: ModelRunner, num_blocks: int, vocab: int) -> None:
+        self.runner = runner
+        self.free = list(range(num_blocks - 1, -1, -1))
+        self.vocab = vocab
+        self.step = 0
+        self.next_id = 0
+        self.seqs: dict[int, dict] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def _blocks_for(self, sid: int, upto: int) -> list[int]:
+        s = self.seqs[sid]
+        need = -(-upto // BLOCK) - s["blocks"]
+        s["blocks"] += need
+        return [self.free.pop() for _ in range(need)]
+
+    def add(self, prompt_len: int) -> tuple[int, NewSequence]:
+        sid = self.next_id
+        self.next_id += 1
+        tokens = torch.randint(1, self.vocab, (prompt_len,), generator=self.gen).tolist()
+        self.seqs[sid] = dict(len=prompt_len, prompt=prompt_len, computed=0, blocks=0)
+        return sid, NewSequence(sid, tokens, [], SamplingOptions(), num_prompt_tokens=prompt_len)
+
+    def plan(self, new: list[NewSequence], work: list[tuple[int, int]],
+             dropped: list[int] = ()) -> BatchPlan:
+        """work: (seq_id, tokens to schedule)."""
+        plan = BatchPlan(self.step, dropped_seq_ids=list(dropped), new_sequences=new)
+        self.step += 1
+        for sid, n in work:
+            s = self.seqs[sid]
+            plan.schedule(sid, s["computed"], n, self._blocks_for(sid, s["computed"] + n))
+            s["computed"] += n
+        return plan
+
+    def execute(self, plan: BatchPlan) -> float:
+        """Wall seconds of one execute (it ends in a host sync: the sampled tokens)."""
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = self.runner.execute(plan)
+        dt = time.perf_counter() - t
+        for sid in out.seq_ids:
+            self.seqs[sid]["len"] += 1
+        return dt
+
+    def drop_all(self) -> None:
+        dropped = list(self.seqs)
+        self.runner.execute(BatchPlan(self.step, dropped_seq_ids=dropped))
+        self.step += 1
+        self.seqs.clear()
+        self.free = list(range(self.runner.num_blocks - 1, -1, -1))
+
+    def prefill(self, prompt_lens: list[int], chunk: int = 8192) -> list[int]:
+        """Registers and fully prefills sequences, `chunk` tokens per iteration."""
+        pending = []
+        new = []
+        for n in prompt_lens:
+            sid, ns = self.add(n)
+            pending.append(sid)
+            new.append(ns)
+        while pending:
+            budget, work = chunk, []
+            for sid in pending:
+                s = self.seqs[sid]
+                n = min(s["prompt"] - s["computed"], budget)
+                if n == 0:
+                    continue
+                work.append((sid, n))
+                budget -= n
+                if budget == 0:
+                    break
+            self.execute(self.plan(new, work))
+            new = []
+            pending = [sid for sid in pending if self.seqs[sid]["computed"] < self.seqs[sid]["prompt"]]
+        return [sid for sid in self.seqs]
+
+    def decode_step(self, sids: list[int], extra: list[tuple[int, int]] = (),
+                    new: list[NewSequence] = ()) -> float:
+        return self.execute(self.plan(list(new), [(sid, 1) for sid in sids] + list(extra)))
+
+
+# --- the measurements -----------------------------------------------------------------------
+def weight_bytes_read_per_step(model) -> int:
+    """Every parameter a decode step reads: all but the embedding table (a few rows)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name == "embed_tokens.weight" and not model.config.tie_word_embeddings:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes(config, tokens: int, elem: int = 2) -> int:
+    return tokens * config.num_layers * 2 * config.num_kv_heads * config.head_dim * elem
+
+
+def matmul_params(config) -> int:
+    c = config
+    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size \
+        + 3 * c.hidden_size * c.intermediate_size
+    return per_layer * c.num_layers
+
+
+def prefill_flops(config, tokens: int) -> float:
+    c = config
+    attention = 4 * c.num_layers * c.num_heads * c.head_dim * tokens * (tokens + 1) / 2
+    return 2 * matmul_params(config) * tokens + attention + 2 * c.hidden_size * c.vocab_size
+
+
+def bench_decode(driver: Driver, batch: int, steps: int) -> float:
+    sids = driver.prefill([CONTEXT] * batch)
+    for _ in range(3):
+        driver.decode_step(sids)
+    times = [driver.decode_step(sids) for _ in range(steps)]
+    driver.drop_all()
+    return statistics.median(times)
+
+
+def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        sid, ns = driver.add(tokens)
+        times.append(driver.execute(driver.plan([ns], [(sid, tokens)])))
+        driver.drop_all()
+    return statistics.median(times[1:])
+
+
+def bench_hybrid(driver: Driver, decodes: int, chunk: int, repeats: int) -> float:
+    sids = driver.prefill([CONTEXT] * decodes)
+    driver.decode_step(sids)
+    times = []
+    for _ in range(repeats + 1):
+        sid, ns = driver.add(chunk + 64)  # a longer prompt: this chunk is its first, no sample
+        times.append(driver.decode_step(sids, extra=[(sid, chunk)], new=[ns]))
+        driver.runner.execute(BatchPlan(driver.step, dropped_seq_ids=[sid]))
+        driver.step += 1
+        del driver.seqs[sid]
+    driver.drop_all()
+    return statistics.median(times[1:])
+
+
+def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:
+    """Seconds per generated step of transformers' generate (random bf16 weights)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = hf_config_for(resolve(f"dummy:{model_name}"))
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = AutoModelForCausalLM.from_config(hf_config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ids = torch.randint(1, hf_config.vocab_size, (batch, prompt), device=DEV)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)
+    return (run(new_tokens + 1) - run(1)) / new_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--kv-gb", type=float, default=24.0)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    rows: list[tuple[str, str, str, str]] = []
+    results: dict = {"device": torch.cuda.get_device_name(), "model": args.model}
+
+    bw = measure_copy_bandwidth()
+    mm = measure_matmul_flops()
+    results.update(copy_bw=bw, matmul_flops=mm)
+    rows.append(("copy bandwidth (read+write)", f"{bw / 1e12:.2f} TB/s", "", ""))
+    rows.append(("bf16 matmul 8192^3", f"{mm / 1e12:.0f} TFLOP/s", "", ""))
+
+    t = time.perf_counter()
+    source = resolve(f"dummy:{args.model}")
+    model = load_model(source, make_backend(args.backend, DEV), DEV, torch.bfloat16)
+    backend_name = type(model.backend).__name__
+    sizes = tuple(sorted(set(DECODE_BATCHES) | {1, 2, 4}))
+    runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=not args.no_graphs,
+                         graph_batch_sizes=sizes)
+    budget = runner.profile_free_memory(8192)
+    num_blocks = min(budget, int(args.kv_gb * 2 ** 30)) // runner.bytes_per_block(BLOCK)
+    runner.init_cache(num_blocks, BLOCK)
+    results.update(load_s=time.perf_counter() - t, kv_budget_bytes=budget, num_blocks=num_blocks,
+                   backend=backend_name)
+    config = model.config
+    driver = Driver(runner, num_blocks, config.vocab_size)
+    weights = weight_bytes_read_per_step(model)
+    results["weight_bytes_per_step"] = weights
+
+    decode = {}
+    for b in DECODE_BATCHES:
+        step = bench_decode(driver, b, args.steps)
+        floor = (weights + kv_bytes(config, b * CONTEXT)) / bw
+        decode[b] = step
+        rows.append((f"decode step, batch {b}, context {CONTEXT}", f"{step * 1e3:.2f} ms",
+                     f"{floor * 1e3:.2f} ms", f"{step / floor:.2f}x floor"))
+    results["decode_s"] = decode
+    if runner.graphs is not None:  # the same steps without graphs, to show what graphs buy
+        graphs, runner.graphs = runner.graphs, None
+        for b in (1, 64):
+            step = bench_decode(driver, b, args.steps)
+            rows.append((f"decode step, batch {b}, eager (no CUDA graph)", f"{step * 1e3:.2f} ms",
+                         "", ""))
+            results[f"decode_eager_{b}"] = step
+        runner.graphs = graphs
+
+    for n in (512, 2048, 8192):
+        s = bench_prefill(driver, n, 3)
+        flops = prefill_flops(config, n)
+        rows.append((f"prefill, one {n}-token prompt", f"{s * 1e3:.1f} ms",
+                     f"{flops / mm * 1e3:.1f} ms", f"MFU {flops / s / mm * 100:.0f}%"))
+        results[f"prefill_{n}_s"] = s
+
+    s = bench_hybrid(driver, 64, 512, 5)
+    floor = max((weights + kv_bytes(config, 64 * CONTEXT)) / bw, prefill_flops(config, 512) / mm)
+    rows.append(("hybrid: 512-token chunk + 64 decodes (ctx 1024)", f"{s * 1e3:.2f} ms",
+                 f"{floor * 1e3:.2f} ms", f"{s / floor:.2f}x floor"))
+    results["hybrid_s"] = s
+
+    if not args.no_hf:
+        import gc
+
+        del driver, runner, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        for b in (1, 32):
+            hf = bench_hf(args.model, b, 512, 32)
+            gc.collect()
+            torch.cuda.empty_cache()
+            ours = decode[b]
+            rows.append((f"HF generate, batch {b} (input 512)", f"{hf * 1e3:.1f} ms/step",
+                         f"ours {ours * 1e3:.2f} ms/step",
+                         f"{b / ours:.0f} vs {b / hf:.0f} tok/s: {hf / ours:.1f}x"))
+            results[f"hf_step_{b}"] = hf
+
+    header = (f"Model {args.model} (dummy bf16 weights), backend {backend_name}, "
+              f"CUDA graphs {'off' if args.no_graphs else 'on'}, block {BLOCK}, "
+              f"on {results['device']}")
+    table = [header, "", "| measurement | time | floor | ratio |", "| --- | --- | --- | --- |"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    text = "\n".join(table)
+    print(text, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu_bench_{args.model}.md").write_text(text + "\n")
+    (out / f"gpu_bench_{args.model}.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""FlashInfer paged attention: one plan per iteration, reused by every layer.
+
+Hybrid iterations (any prefill chunk) go through BatchPrefillWithPagedKVCacheWrapper, which
+covers prefill chunks and decodes in one launch per layer; decode-only iterations go through
+the decode wrapper (tensor-core variant, which suits GQA groups). CUDA-graph decode batches get
+a decode wrapper of their own per padded batch size, whose index buffers stay at fixed
+addresses so that planning before a replay updates what the captured kernels read.
+K/V are written by our Triton kernel (slot mapping; negative slots are graph padding).
+"""
+
+from __future__ import annotations
+
+import flashinfer
+import torch
+
+from kernels.kv_write import write_kv
+from worker_service.attention.backend import AttentionBackend, AttentionMetadata
+
+_WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttention(AttentionBackend):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True)
+        self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self.shape: tuple[int, int, int] | None = None
+        self.dtype = torch.bfloat16
+        self.active = self.prefill
+
+    def configure(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                  dtype: torch.dtype) -> None:
+        self.shape = (num_heads, num_kv_heads, head_dim)
+        self.dtype = dtype
+
+    def begin_iteration(self, meta: AttentionMetadata) -> None:
+        if self.shape is None:
+            raise RuntimeError("FlashInferAttention.configure was not called")
+        num_heads, num_kv_heads, head_dim = self.shape
+        bs = meta.block_size
+        ctx = meta.context_lens_host
+        pages = [(n + bs - 1) // bs for n in ctx]
+        indptr = [0]
+        for p in pages:
+            indptr.append(indptr[-1] + p)
+        last = [n - (p - 1) * bs for n, p in zip(ctx, pages, strict=True)]
+        # Plan reads the index pointers on the host: hand it host tensors, so it never syncs.
+        indptr_t = torch.tensor(indptr, dtype=torch.int32)
+        last_t = torch.tensor(last, dtype=torch.int32)
+        indices = self._page_indices(meta.block_tables, pages, indptr_t, indptr[-1])
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        if meta.graph_batch_size:
+            wrapper = self._graph_wrapper(meta.graph_batch_size, meta.block_tables.shape[1])
+            wrapper.plan(indptr_t, indices, last_t, num_heads, num_kv_heads, head_dim, bs, **common)
+        elif meta.num_decode_only:
+            wrapper = self.decode
+            wrapper.plan(indptr_t, indices, last_t, num_heads, num_kv_heads, head_dim, bs, **common)
+        else:
+            wrapper = self.prefill
+            qo_indptr = torch.tensor(meta.query_start_host, dtype=torch.int32)
+            wrapper.plan(qo_indptr, indptr_t, indices, last_t, num_heads, num_kv_heads,
+                         head_dim, bs, causal=True, **common)
+        self.active = wrapper
+
+    def _page_indices(self, block_tables: torch.Tensor, pages: list[int], indptr: torch.Tensor,
+                      total: int) -> torch.Tensor:
+        """The used prefix of every block-table row, concatenated, gathered on the device."""
+        dev = self.device
+        seq = torch.repeat_interleave(
+            torch.arange(len(pages), device=dev),
+            torch.tensor(pages, device="cpu").to(dev, non_blocking=True), output_size=total)
+        col = torch.arange(total, device=dev) - indptr.to(dev, non_blocking=True)[seq]
+        return block_tables[seq, col]
+
+    def _graph_wrapper(self, batch: int, width: int) -> flashinfer.BatchDecodeWithPagedKVCacheWrapper:
+        wrapper = self.graph_decode.get(batch)
+        if wrapper is None:
+            dev = self.device
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(batch * width, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=dev))
+            self.graph_decode[batch] = wrapper
+        return wrapper
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        if q.stride(-2) != q.shape[-1] or q.stride(0) != q.shape[1] * q.shape[2]:
+            q = q.contiguous()  # the kernels take q packed
+        return self.active.run(q, kv_cache)

@@ -1,0 +1,26 @@
+"""Our own Triton kernels (kernels/) behind the attention interface: used when FlashInfer is absent."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.kv_write import write_kv
+from kernels.paged_attention import paged_attention
+from worker_service.attention.backend import AttentionBackend, AttentionMetadata
+
+
+class TritonAttention(AttentionBackend):
+    def __init__(self) -> None:
+        self._max_query_len = 1
+
+    def begin_iteration(self, meta: AttentionMetadata) -> None:
+        # Read from the host copy once here, so no layer syncs to size its grid.
+        self._max_query_len = meta.max_query_len
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        return paged_attention(q, kv_cache, meta, scale, self._max_query_len)

@@ -1,0 +1,88 @@
+"""CUDA graphs for decode-only iterations: one graph per padded batch size, sharing one pool.
+
+A decode step of a small batch is a few hundred short kernels; launched one by one from Python
+the GPU idles between them. Captured once per batch size and replayed, the launches cost one.
+Inputs live in static buffers that every replay overwrites; padding rows write no KV (slot -1)
+and attend to one cached token, and their logits are dropped. Attention planning (host work)
+runs before each replay through the backend's begin_iteration, never inside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker_service.attention import AttentionBackend, AttentionMetadata
+from worker_service.models.llama import LlamaModel
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, backend: AttentionBackend, kv_caches: list[torch.Tensor],
+                 block_size: int, max_blocks_per_seq: int, device: torch.device,
+                 batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> None:
+        self.model, self.backend, self.kv_caches = model, backend, kv_caches
+        self.block_size = block_size
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        n = self.batch_sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
+    def _meta(self, batch: int, context_lens: list[int]) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start=self.query_start[:batch + 1], context_lens=self.context_lens[:batch],
+            block_tables=self.block_tables[:batch], slot_mapping=self.slots[:batch],
+            block_size=self.block_size, query_start_host=list(range(batch + 1)),
+            context_lens_host=context_lens, num_decode_only=True, graph_batch_size=batch)
+
+    def capture(self) -> None:
+        """Largest first, so smaller graphs reuse the pool's blocks."""
+        for batch in reversed(self.batch_sizes):
+            meta = self._meta(batch, [1] * batch)
+            self.backend.begin_iteration(meta)
+            args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, meta)
+            for _ in range(2):  # compile and autotune outside the capture
+                self.model.compute_logits(self.model(*args))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.model.compute_logits(self.model(*args))
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[batch] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def padded_size(self, batch: int) -> int | None:
+        return next((b for b in self.batch_sizes if b >= batch), None)
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            context_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """One decode row per sequence -> logits [len(input_ids), vocab] float32."""
+        batch = len(input_ids)
+        padded = self.padded_size(batch)
+        assert padded is not None, "batch too large for the captured graphs"
+        pad = padded - batch
+        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
+                             context_lens + [1] * pad], dtype=torch.int64)
+        dev = host.to(self.input_ids.device, non_blocking=True)
+        self.input_ids[:padded].copy_(dev[0])
+        self.positions[:padded].copy_(dev[1])
+        self.slots[:padded].copy_(dev[2])
+        self.context_lens[:padded].copy_(dev[3])
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.block_tables[:batch, :width].copy_(table.to(self.block_tables.device, non_blocking=True))
+        self.backend.begin_iteration(self._meta(padded, context_lens + [1] * pad))
+        graph, logits = self.graphs[padded]
+        graph.replay()
+        return logits[:batch]
