@@ -84,6 +84,12 @@ def default_server(server_factory) -> RunningServer:
 
 
 @pytest.fixture(scope="session")
+def small_cache_server(server_factory) -> RunningServer:
+    """48 blocks of 16 tokens: too small for the exactness prompts at once."""
+    return server_factory("--chunk-size", "64", "--num-kv-blocks", "48")
+
+
+@pytest.fixture(scope="session")
 def hf_model():
     """transformers' own Llama on the same converted weights: the reference for exactness."""
     import torch
@@ -99,19 +105,35 @@ def hf_model():
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy generate, one prompt at a time (no padding), never stopping at EOS."""
+    """transformers' greedy generate, one prompt at a time (no padding), never stopping at EOS.
+
+    Results are cached on disk by weights, transformers version, prompt and length: the CPU
+    reference takes about a minute for the exactness prompts, and it only changes with them."""
     import copy
+    import hashlib
+    import json
 
     import torch
+    import transformers
 
     model, _ = hf_model
+    key = hashlib.sha256(json.dumps([model.name_or_path, transformers.__version__, torch.__version__,
+                                     prompt_ids, max_new_tokens]).encode()).hexdigest()[:24]
+    from sarathi.model_spec import cache_root
+
+    cached = cache_root() / "test-references" / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id = None  # like ignore_eos: EOS is a token like any other
     config.do_sample, config.max_new_tokens, config.pad_token_id = False, max_new_tokens, 0
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, len(prompt_ids):].tolist()
+    tokens = out[0, len(prompt_ids):].tolist()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(tokens))
+    return tokens
 
 
 def greedy_request(prompt_ids: list[int], max_tokens: int) -> generation_pb2.GenerateRequest:

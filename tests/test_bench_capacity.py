@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -55,3 +56,13 @@ def test_bad_search_parameters_are_refused():
         SearchParams(initial_rate=0.0)
     with pytest.raises(ValueError):
         SearchParams(max_probes=0)
+
+
+def test_a_policy_the_scheduler_lacks_is_reported_not_measured_without_a_server(tmp_path, capsys):
+    from benchmarks.serving.cli import main_capacity
+
+    argv = ["--policies", "no-such-policy", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main_capacity(argv) == 0
+    (row,) = json.loads((tmp_path / "capacity.json").read_text())["table"]
+    assert row["capacity_rps"] == 0.0 and "unknown policy" in row["error"]
+    assert "not measured" in capsys.readouterr().out

@@ -37,10 +37,10 @@ def test_concurrent_greedy_tokens_equal_transformers_generate(chunk_size, server
         assert tokens == expected, f"prompt of {length} tokens diverged"
 
 
-def test_preempted_requests_finish_with_exact_tokens_and_free_all_blocks(server_factory, prompts,
+def test_preempted_requests_finish_with_exact_tokens_and_free_all_blocks(small_cache_server, prompts,
                                                                           references):
     # 48 blocks of 16 = 768 slots: the prompts need 1382 + 8 * 32, so requests must be preempted.
-    server = server_factory("--chunk-size", "64", "--num-kv-blocks", "48")
+    server = small_cache_server
     got = run_concurrently(server, prompts, NEW_TOKENS)
     assert got == references
     metrics = server.metrics()

@@ -1,0 +1,33 @@
+"""Drives a Scheduler without a model: every sequence that reaches the end of its known tokens
+gets a token, as a worker would. Policies decide only from counts, so this exercises them fully."""
+
+from __future__ import annotations
+
+from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput
+from scheduler_service.block_manager import BlockManager
+from scheduler_service.policies import PolicyConfig, make_policy
+from scheduler_service.request import Request
+from scheduler_service.scheduler import RequestUpdate, Scheduler
+
+
+def make_scheduler(policy: str = "sarathi", num_blocks: int = 1000, block_size: int = 16,
+                   token_budget: int = 64, max_batch_size: int = 32) -> Scheduler:
+    config = PolicyConfig(token_budget=token_budget, max_batch_size=max_batch_size)
+    return Scheduler(make_policy(policy, config), BlockManager(num_blocks, block_size))
+
+
+def make_request(seq_id: int, prompt_len: int, max_tokens: int, **kw) -> Request:
+    return Request(seq_id=seq_id, prompt_token_ids=[7] * prompt_len, sampling=SamplingOptions(),
+                   max_tokens=max_tokens, **kw)
+
+
+def simulated_output(scheduler: Scheduler, plan: BatchPlan, token: int = 3) -> StepOutput:
+    done = [s for s in plan.seq_ids
+            if s in scheduler.requests
+            and scheduler.requests[s].num_computed_tokens == scheduler.requests[s].num_tokens]
+    return StepOutput(plan.step_id, done, [token] * len(done))
+
+
+def step(scheduler: Scheduler) -> tuple[BatchPlan, list[RequestUpdate]]:
+    plan = scheduler.schedule()
+    return plan, scheduler.update(simulated_output(scheduler, plan))
