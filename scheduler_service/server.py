@@ -170,7 +170,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             await self.engine.send(AddRequest(Request(
                 seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options,
-                max_tokens=max_tokens, stop_token_ids=stop_ids)))
+                max_tokens=max_tokens, stop_token_ids=stop_ids, priority=request.priority)))
             while True:
                 msg = await stream.queue.get()
                 if isinstance(msg, RequestRejected):
