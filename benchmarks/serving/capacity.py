@@ -44,6 +44,9 @@ class CapacityResult:
     policy: str
     capacity_rate: float  # 0.0 when even min_rate failed
     probes: list[Probe] = field(default_factory=list)
+    error: str | None = None  # why the policy could not be measured (its server did not start)
+    # Requests/s with the whole workload sent at once: an upper bound no SLO can beat.
+    saturation_rate: float | None = None
 
     @property
     def at_capacity(self) -> Probe | None:

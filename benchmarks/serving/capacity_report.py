@@ -28,6 +28,8 @@ CAPACITY_COLUMNS = (
     "p50_scheduling_delay_s",
     "output_tokens_per_s",
     "num_probes",
+    "saturation_rps",
+    "error",
 )
 
 
@@ -43,6 +45,8 @@ def capacity_row(result: CapacityResult) -> dict[str, Any]:
         "p50_scheduling_delay_s": summary.scheduling_delay_s.p50 if summary else None,
         "output_tokens_per_s": summary.output_token_throughput if summary else None,
         "num_probes": len(result.probes),
+        "saturation_rps": result.saturation_rate,
+        "error": result.error,
     }
 
 
@@ -51,12 +55,27 @@ def _ms(value: float | None) -> str:
 
 
 def capacity_table(results: Sequence[CapacityResult], slo: Slo, title: str) -> Table:
-    table = Table(title=f"{title}\nSLO: {slo.describe()}")
-    for name in ("policy", "capacity (req/s)", "P99 TBT", "P99 TTFT", "P50 TTFT", "tokens/s", "probes"):
+    errors = [f"{r.policy}: {r.error}" for r in results if r.error is not None]
+    caption = "not measured: " + "; ".join(errors) if errors else None
+    table = Table(title=f"{title}\nSLO: {slo.describe()}", caption=caption)
+    columns = (
+        "policy",
+        "capacity (req/s)",
+        "P99 TBT",
+        "P99 TTFT",
+        "P50 TTFT",
+        "tokens/s",
+        "probes",
+        "saturated",
+    )
+    for name in columns:
         table.add_column(name, justify="left" if name == "policy" else "right")
     for result in results:
         row = capacity_row(result)
         tokens = row["output_tokens_per_s"]
+        if result.error is not None:
+            table.add_row(result.policy, "[red]not measured[/]", *["-"] * (len(columns) - 2))
+            continue
         table.add_row(
             result.policy,
             f"{result.capacity_rate:.3g}" if result.capacity_rate > 0 else "none",
@@ -65,6 +84,7 @@ def capacity_table(results: Sequence[CapacityResult], slo: Slo, title: str) -> T
             _ms(row["p50_ttft_s"]),
             "-" if tokens is None else f"{tokens:.0f}",
             str(row["num_probes"]),
+            "-" if result.saturation_rate is None else f"{result.saturation_rate:.3g} req/s",
         )
     return table
 
@@ -129,7 +149,8 @@ def plot_capacity(results: Sequence[CapacityResult], slo: Slo, path: Path) -> No
     probes.set_ylabel("P99 TBT (s)")
     probes.set_title("Probes (hollow: SLO missed)")
     probes.grid(alpha=0.3)
-    probes.legend(fontsize=8)
+    if probes.get_legend_handles_labels()[0]:
+        probes.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

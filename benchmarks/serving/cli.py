@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
@@ -24,9 +26,11 @@ from benchmarks.serving.capacity_report import capacity_table, write_capacity_re
 from benchmarks.serving.client import ClientOptions
 from benchmarks.serving.metrics import Distribution, RunSummary
 from benchmarks.serving.report import plot_cdfs, write_run_report
-from benchmarks.serving.server_process import LocalServer, ServerLaunch
+from benchmarks.serving.server_process import LocalServer, ServerLaunch, ServerStartError
 from benchmarks.serving.slo import EarlyFailRule, Slo
 from benchmarks.serving.workload import ARRIVAL_KINDS, LENGTH_KINDS, WorkloadConfig, build_workload, with_rate
+
+AUTO_INITIAL_FRACTION = 0.5
 
 
 def token_range(text: str) -> tuple[int, int]:
@@ -163,6 +167,13 @@ def throughput_line(summary: RunSummary) -> str:
     )
 
 
+def stop_servers_on_sigterm() -> None:
+    """SIGTERM (timeout, CI cancel) becomes SystemExit, so the `with LocalServer` blocks unwind
+    and stop the servers this process started instead of leaving them running."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 # ---------------------------------------------------------------------------------------- bench
 
 
@@ -181,6 +192,7 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def main_bench(argv: list[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
+    stop_servers_on_sigterm()
     console = Console()
     config = workload_config(args)
     out_dir = output_dir(args, "bench")
@@ -238,7 +250,11 @@ def capacity_parser() -> argparse.ArgumentParser:
     )
     slo.add_argument("--slo-p50-scheduling-delay", type=float, default=2.0)
     search = parser.add_argument_group("search")
-    search.add_argument("--initial-rate", type=float, default=1.0)
+    search.add_argument(
+        "--initial-rate",
+        default="auto",
+        help="req/s of the first probe; auto: half the throughput with all requests sent at once",
+    )
     search.add_argument("--min-rate", type=float, default=0.05)
     search.add_argument("--max-probes", type=int, default=7)
     search.add_argument("--rel-tol", type=float, default=0.15)
@@ -261,15 +277,10 @@ def main_capacity(argv: list[str] | None = None) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if args.address and len(policies) != 1:
         raise SystemExit("with --address, give exactly one name in --policies (the running server's policy)")
+    stop_servers_on_sigterm()
     console = Console()
     out_dir = output_dir(args, "capacity")
     config = replace(workload_config(args), arrivals="poisson")
-    params = SearchParams(
-        initial_rate=args.initial_rate,
-        min_rate=args.min_rate,
-        max_probes=args.max_probes,
-        rel_tol=args.rel_tol,
-    )
     tbt_seconds, tbt_multiple = parse_tbt_bound(args.slo_p99_tbt)
     slo = Slo(
         p99_tbt_s=tbt_seconds,
@@ -282,20 +293,26 @@ def main_capacity(argv: list[str] | None = None) -> int:
     best_runs: dict[str, BenchResult] = {}
     decode_time_s: float | None = None
     for policy in policies:
-        with server_address(args, None if args.address else policy, out_dir) as address:
-            asyncio.run(warm_up(address, args.warmup, options))
-            if tbt_multiple is not None and decode_time_s is None:
-                # Once, on the first server: every policy is held to the same SLO.
-                decode_time_s = asyncio.run(measure_decode_time_s(address, options))
-                slo = replace(slo, p99_tbt_s=tbt_multiple * decode_time_s)
-                console.print(
-                    f"batch-1 decode time {decode_time_s * 1e3:.1f} ms -> P99 TBT SLO "
-                    f"{tbt_multiple:g}x = {slo.p99_tbt_s * 1e3:.0f} ms"
+        try:
+            with server_address(args, None if args.address else policy, out_dir) as address:
+                asyncio.run(warm_up(address, args.warmup, options))
+                if tbt_multiple is not None and decode_time_s is None:
+                    # Once, on the first server: every policy is held to the same SLO.
+                    decode_time_s = asyncio.run(measure_decode_time_s(address, options))
+                    slo = replace(slo, p99_tbt_s=tbt_multiple * decode_time_s)
+                    console.print(
+                        f"batch-1 decode time {decode_time_s * 1e3:.1f} ms -> P99 TBT SLO "
+                        f"{tbt_multiple:g}x = {slo.p99_tbt_s * 1e3:.0f} ms"
+                    )
+                console.print(f"[bold]{policy}[/]: SLO {slo.describe()}")
+                result, best = asyncio.run(
+                    _search_policy(policy, address, config, slo, options, args, console)
                 )
-            console.print(f"[bold]{policy}[/]: SLO {slo.describe()}")
-            result, best = asyncio.run(
-                _search_policy(policy, address, config, slo, params, options, args, console)
-            )
+        except ServerStartError as e:
+            # One policy that cannot start (not written yet, say) must not cost the others.
+            console.print(f"[red]{policy}: the server did not start[/]: {e}")
+            results.append(CapacityResult(policy, 0.0, error=str(e).splitlines()[0]))
+            continue
         results.append(result)
         if best is not None:
             best_runs[policy] = best
@@ -304,7 +321,7 @@ def main_capacity(argv: list[str] | None = None) -> int:
     metadata = {
         "command": ["sarathi", "capacity", *(argv if argv is not None else sys.argv[1:])],
         "workload": asdict(config),
-        "search": asdict(params),
+        "search": {k: getattr(args, k) for k in ("initial_rate", "min_rate", "max_probes", "rel_tol")},
         "decode_time_s": decode_time_s,
         "tbt_slo_multiple": tbt_multiple,
         "chunk_size": args.chunk_size,
@@ -316,17 +333,46 @@ def main_capacity(argv: list[str] | None = None) -> int:
     return 0
 
 
+def search_params(args: argparse.Namespace, saturation_rate: float | None) -> SearchParams:
+    """With --initial-rate auto the bracket starts at half the saturated throughput: a probe
+    costs (requests / rate) seconds, so starting far below capacity and halving towards it is
+    what makes a CPU search slow."""
+    if args.initial_rate == "auto":
+        assert saturation_rate is not None
+        initial = max(saturation_rate * AUTO_INITIAL_FRACTION, args.min_rate)
+    else:
+        initial = float(args.initial_rate)
+    return SearchParams(
+        initial_rate=initial,
+        min_rate=min(args.min_rate, initial),
+        max_probes=args.max_probes,
+        rel_tol=args.rel_tol,
+    )
+
+
 async def _search_policy(
     policy: str,
     address: str,
     config: WorkloadConfig,
     slo: Slo,
-    params: SearchParams,
     options: ClientOptions,
     args: argparse.Namespace,
     console: Console,
 ) -> tuple[CapacityResult, BenchResult | None]:
     runs: dict[float, BenchResult] = {}
+    saturation_rate = None
+    if args.initial_rate == "auto":
+        saturated = await run_bench(
+            address,
+            build_workload(replace(config, arrivals="static")),
+            f"{policy} saturated",
+            options,
+            console=console,
+            show_progress=not args.no_progress,
+        )
+        saturation_rate = saturated.summary.request_throughput
+        console.print(f"  {policy}: {throughput_line(saturated.summary)}")
+    params = search_params(args, saturation_rate)
 
     async def probe(rate: float) -> Probe:
         specs = build_workload(with_rate(config, rate))
@@ -346,6 +392,7 @@ async def _search_policy(
         return Probe(rate, not violations, tuple(violations), run.summary, run.stopped_early)
 
     result = await search_capacity(policy, probe, params)
+    result.saturation_rate = saturation_rate
     return result, runs.get(result.capacity_rate) if result.capacity_rate > 0 else None
 
 

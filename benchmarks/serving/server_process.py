@@ -63,6 +63,23 @@ class ServerStartError(RuntimeError):
     pass
 
 
+def known_policies() -> set[str] | None:
+    """The policies this checkout's scheduler has, or None if it cannot be imported here."""
+    try:
+        from scheduler_service.policies import POLICIES
+    except ImportError:
+        return None
+    return set(POLICIES)
+
+
+def check_policy(policy: str | None) -> None:
+    """Fails at once for a policy the scheduler does not have, instead of waiting out the
+    startup timeout on a server whose engine died."""
+    known = known_policies()
+    if policy is not None and known is not None and policy not in known:
+        raise ServerStartError(f"unknown policy {policy!r} (this scheduler has {', '.join(sorted(known))})")
+
+
 def wait_until_serving(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
@@ -92,6 +109,7 @@ class LocalServer:
         self.log_path = launch.log_path
 
     def __enter__(self) -> LocalServer:
+        check_policy(self.launch.policy)
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sarathi-bench-server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
