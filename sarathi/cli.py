@@ -36,6 +36,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-cache-gib", type=float, default=2.0,
                    help="on the CPU, the most memory the KV cache may take (GiB)")
     g.add_argument("--weights-seed", type=int, default=0, help="seed of dummy weights")
+    g = p.add_argument_group("replica layout (tensor and pipeline parallelism)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks sharing each stage's layers")
+    g.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages, each a slice of the layers")
+    g.add_argument("--rank", type=int, default=0,
+                   help="this worker's rank in the replica (stage * TP size + TP rank); rank 0 serves gRPC")
+    g.add_argument("--replica-addresses", default=None,
+                   help="host:port of every rank's ZeroMQ mailbox, comma-separated, in rank order")
+    g.add_argument("--dist-init", default=None, help="host:port of torch.distributed's store (rank 0's host)")
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -52,6 +60,14 @@ def run_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     source = resolve(args.model)
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        from worker_service.parallel.service import run_replica_worker
+
+        def load():
+            return load_model(source, make_backend(args.attention, device), device, dtype,
+                              seed=args.weights_seed)
+
+        return run_replica_worker(args, load, device, dtype)
     start = time.monotonic()
     model = load_model(source, make_backend(args.attention, device), device, dtype, seed=args.weights_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -106,15 +122,22 @@ def run_serve(args: argparse.Namespace) -> None:
     """A scheduler (this process + its engine process) and one worker subprocess."""
     worker_port = args.worker_port or free_port()
     cmd = [sys.executable, "-m", "sarathi.cli", "worker", "--host", "127.0.0.1", "--port", str(worker_port)]
-    for flag in ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed"):
+    for flag in ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
+                 "tensor_parallel_size", "pipeline_parallel_size"):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    worker = subprocess.Popen(cmd)
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    if world > 1:  # the whole replica on this host: rank 0 serves gRPC, the others follow it
+        cmd += ["--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
+                "--dist-init", f"127.0.0.1:{free_port()}"]
+    workers = [subprocess.Popen(cmd + ["--rank", str(rank)]) for rank in range(world)]
 
     def stop_worker(*_):
-        if worker.poll() is None:
-            worker.terminate()
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in workers:
             try:
                 worker.wait(10)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,196 @@
+"""One rank of a replica: build its shard of the model, then either drive the replica (rank 0,
+behind the gRPC Worker service) or follow rank 0's control messages (every other rank).
+
+Per iteration (one plan):
+  rank 0      gets the plan bytes over gRPC, forwards them as they are (plus the tokens the last
+              stage sampled since the previous plan) to every other rank, runs its own part
+  stage s     runs its layers; TP ranks meet in all_reduce / all_gather (gloo on the CPU);
+              each rank hands (hidden, residual) to its counterpart in stage s + 1
+  last stage  samples; its TP rank 0 sends the StepResult bytes to rank 0, which returns them
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from protos import worker_pb2
+from protos.batch_plan import BatchPlan, StepOutput
+from worker_service.models.config import ModelConfig
+from worker_service.parallel.handoff import (
+    ERROR,
+    INIT,
+    PLAN,
+    RESET,
+    RESULT,
+    STATS,
+    STOP,
+    Mailbox,
+    Outbox,
+)
+from worker_service.parallel.layout import ReplicaLayout, split_layers
+from worker_service.parallel.pipeline import StageRunner, slice_stage
+from worker_service.parallel.tensor_parallel import COMM, head_shard, shard_model
+from worker_service.runner import PlanError
+
+log = logging.getLogger("sarathi.replica")
+
+COLLECTIVE_TIMEOUT = timedelta(seconds=600)   # a dead peer is caught by heartbeats much sooner
+
+
+@dataclass
+class Rank:
+    """Everything one process of a replica holds."""
+
+    layout: ReplicaLayout
+    rank: int
+    runner: StageRunner
+    full_config: ModelConfig       # the whole model's shape (what Describe reports)
+    mailbox: Mailbox
+    outbox: Outbox
+
+
+def build_rank(layout: ReplicaLayout, rank: int, load, device: torch.device, dtype: torch.dtype) -> Rank:
+    """`load()` builds the whole model (weights included); this rank keeps its stage, then its
+    TP shard of that stage. All ranks must call this together: it joins the gloo group."""
+    mailbox = Mailbox(layout, rank)
+    outbox = Outbox(layout, rank, mailbox)
+    stage, tp_rank = layout.stage_of(rank), layout.tp_rank_of(rank)
+    group = None
+    if layout.tp_size > 1:
+        host, port = layout.dist_init.rsplit(":", 1)
+        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank,
+                                world_size=layout.world_size, timeout=COLLECTIVE_TIMEOUT)
+        # Every rank creates every stage's group, in the same order (a torch.distributed rule).
+        groups = [dist.new_group(layout.stage_ranks(s)) for s in range(layout.pp_size)]
+        group = groups[stage]
+    model = load()
+    full_config = model.config
+    model = slice_stage(model, stage, layout.pp_size, outbox)
+    model = shard_model(model, tp_rank, layout.tp_size, group)
+    runner = StageRunner(model, device, dtype, samples=stage == layout.pp_size - 1)
+    return Rank(layout, rank, runner, full_config, mailbox, outbox)
+
+
+def rank_bytes_per_block(layout: ReplicaLayout, config: ModelConfig, rank: int, block_size: int,
+                         dtype: torch.dtype) -> int:
+    """KV bytes one block takes on `rank`: its stage's layers, its share of the KV heads."""
+    layers = len(split_layers(config.num_layers, layout.pp_size)[layout.stage_of(rank)])
+    kv_heads = head_shard(config.num_heads, config.num_kv_heads, layout.tp_rank_of(rank),
+                          layout.tp_size).num_kv_heads if layout.tp_size > 1 else config.num_kv_heads
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return layers * 2 * block_size * kv_heads * config.head_dim * elem
+
+
+# --- ranks other than 0 -------------------------------------------------------------------
+def follow(r: Rank) -> None:
+    """Executes rank 0's control messages until told to stop."""
+    runner, leader = r.runner, r.rank == r.layout.last_stage_leader
+    while True:
+        kind, *frames = r.mailbox.control.get()
+        if kind == STOP:
+            return
+        if kind == RESET:
+            runner.seqs.clear()
+        elif kind == INIT:
+            runner.init_cache(int(frames[0]), int(frames[1]))
+        elif kind == PLAN:
+            for result in frames[1:]:
+                runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
+            plan = BatchPlan.from_proto(worker_pb2.BatchPlan.FromString(frames[0]))
+            try:
+                out = runner.execute(plan)
+            except PlanError as e:
+                # Every rank holds the same state and checks before any collective, so all fail
+                # here together; rank 0 reports its own copy of the error.
+                if leader:
+                    r.outbox.send(0, ERROR, str(plan.step_id).encode(), str(e).encode())
+                continue
+            if leader:
+                r.outbox.send(0, RESULT, out.to_proto().SerializeToString())
+
+
+# --- rank 0 ---------------------------------------------------------------------------------
+class ReplicaDriver:
+    """Rank 0: what the gRPC Worker service drives. Looks like a ModelRunner to the service
+    (config, device, dtype, bytes_per_block, init_cache), but executes plan *bytes*."""
+
+    def __init__(self, r: Rank) -> None:
+        self.r = r
+        self.layout = r.layout
+        self.config = r.full_config
+        self.runner = r.runner
+        self.device, self.dtype = r.runner.device, r.runner.dtype
+        self._sampled: list[bytes] = []    # results not yet forwarded to the earlier stages
+
+    def bytes_per_block(self, block_size: int) -> int:
+        """The largest per-rank need: the scheduler's block count must fit on every rank."""
+        return max(rank_bytes_per_block(self.layout, self.config, k, block_size, self.dtype)
+                   for k in range(self.layout.world_size))
+
+    def init_cache(self, num_blocks: int, block_size: int) -> int:
+        self.r.outbox.broadcast(INIT, str(num_blocks).encode(), str(block_size).encode())
+        self.runner.init_cache(num_blocks, block_size)
+        return num_blocks * sum(rank_bytes_per_block(self.layout, self.config, k, block_size, self.dtype)
+                                for k in range(self.layout.world_size))
+
+    def reset(self) -> None:
+        """A new scheduler stream: every rank forgets its sequences."""
+        self.r.outbox.broadcast(RESET)
+        self.runner.seqs.clear()
+        self._sampled.clear()
+        while not self.r.mailbox.results.empty():   # leftovers of a broken stream
+            self.r.mailbox.results.get()
+
+    def stop(self) -> None:
+        self.r.outbox.broadcast(STOP)
+
+    def execute(self, plan_bytes: bytes) -> bytes:
+        """Plan bytes in, StepResult bytes out."""
+        self.r.outbox.broadcast(PLAN, plan_bytes, *self._sampled)
+        self._sampled.clear()
+        plan = BatchPlan.from_proto(worker_pb2.BatchPlan.FromString(plan_bytes))
+        out = self.runner.execute(plan)
+        if self.layout.pp_size == 1:
+            return out.to_proto().SerializeToString()
+        result = self._wait_result(plan.step_id)
+        self._sampled.append(result)   # rank 0's own stage learns the tokens now, the others later
+        self.runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
+        return result
+
+    def _wait_result(self, step_id: int) -> bytes:
+        start = time.perf_counter_ns()
+        while True:
+            kind, *frames = self.r.mailbox.results.get()
+            if kind == ERROR:
+                if int(frames[0]) == step_id:
+                    raise PlanError(frames[1].decode())
+                continue
+            assert kind == RESULT
+            if worker_pb2.StepResult.FromString(frames[0]).step_id == step_id:
+                STATS.wait_ns += time.perf_counter_ns() - start
+                return frames[0]
+
+
+def comm_stats() -> dict[str, int]:
+    return dict(zmq_messages=STATS.messages, zmq_bytes=STATS.bytes, zmq_send_ns=STATS.send_ns,
+                zmq_wait_ns=STATS.wait_ns, collective_calls=COMM.calls, collective_bytes=COMM.bytes,
+                collective_ns=COMM.ns)
+
+
+def reset_comm_stats() -> None:
+    STATS.reset()
+    COMM.calls = COMM.bytes = COMM.ns = 0
+
+
+def exit_now(code: int) -> None:
+    """Ends the process without waiting for threads or gloo teardown (which may hang on a dead
+    peer)."""
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,110 @@
+"""Rank 0's gRPC Worker service: the scheduler's single entry into a replica.
+
+Describe and InitCache are the single-worker service's own (the driver answers for the whole
+replica). Step is registered with an identity deserializer, so each plan's bytes go on to the
+other ranks exactly as they arrived and every rank decodes them once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import torch
+
+from protos import worker_pb2
+from worker_service.parallel.layout import ReplicaLayout
+from worker_service.parallel.replica import ReplicaDriver, build_rank, exit_now, follow
+from worker_service.runner import PlanError
+from worker_service.server import GRPC_OPTIONS, WorkerService
+
+log = logging.getLogger("sarathi.replica")
+
+
+class ReplicaWorkerService(WorkerService):
+    def __init__(self, driver: ReplicaDriver, weight_bytes: int, cpu_cache_limit: int) -> None:
+        super().__init__(driver, weight_bytes, cpu_cache_limit)   # type: ignore[arg-type]
+        self.driver = driver
+
+    def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:
+        if not self._stream_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler holds the step stream")
+        try:
+            self.driver.reset()
+            for plan_bytes in request_iterator:
+                try:
+                    result = self.driver.execute(plan_bytes)
+                except PlanError as e:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                except Exception as e:  # noqa: BLE001 - a collective or handoff broke
+                    # The ranks are out of step now: nothing this replica computes can be
+                    # trusted. Tell the scheduler, then end the process (peers follow).
+                    log.exception("replica step failed")
+                    threading.Timer(0.5, exit_now, args=(4,)).start()
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {e!r}")
+                yield result
+        finally:
+            self._stream_lock.release()
+
+
+def _handlers(svc: ReplicaWorkerService) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler("sarathi.v1.Worker", {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            svc.Describe, request_deserializer=worker_pb2.DescribeRequest.FromString,
+            response_serializer=worker_pb2.DescribeResponse.SerializeToString),
+        "InitCache": grpc.unary_unary_rpc_method_handler(
+            svc.InitCache, request_deserializer=worker_pb2.InitCacheRequest.FromString,
+            response_serializer=worker_pb2.InitCacheResponse.SerializeToString),
+        "Step": grpc.stream_stream_rpc_method_handler(
+            svc.Step, request_deserializer=bytes, response_serializer=bytes),
+    })
+
+
+def layout_from_args(args: argparse.Namespace, rank0_port: int) -> ReplicaLayout:
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    if args.replica_addresses is None or args.dist_init is None:
+        raise SystemExit(f"a replica of TP={tp} x PP={pp} needs --replica-addresses (one host:port "
+                         "per rank) and --dist-init host:port")
+    return ReplicaLayout.parse(tp, pp, args.replica_addresses, args.dist_init)
+
+
+def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dtype: torch.dtype) -> None:
+    """`sarathi worker` with --tensor-parallel-size or --pipeline-parallel-size above 1."""
+    layout = layout_from_args(args, args.port)
+    rank = args.rank
+    start = time.monotonic()
+    r = build_rank(layout, rank, load, device, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in r.runner.model.parameters())
+    where = f"rank {rank} (stage {layout.stage_of(rank)}, TP rank {layout.tp_rank_of(rank)}) " \
+            f"of TP={layout.tp_size} x PP={layout.pp_size}"
+    print(f"worker {where}: {weight_bytes / 1e6:.0f} MB of weights in this shard, built in "
+          f"{time.monotonic() - start:.1f} s", flush=True)
+    if rank != 0:
+        signal.signal(signal.SIGTERM, lambda *_: exit_now(0))
+        r.mailbox.wait_for_peers(timeout=900)
+        follow(r)
+        exit_now(0)
+    r.mailbox.wait_for_peers(timeout=900)
+    driver = ReplicaDriver(r)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    # Weights of the whole replica: ranks of one stage hold equal shards, stages about equal.
+    server.add_generic_rpc_handlers((_handlers(ReplicaWorkerService(
+        driver, weight_bytes * layout.world_size, int(args.cpu_cache_gib * (1 << 30)))),))
+    if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: is the port in use?")
+    server.start()
+    print(f"worker {where}: listening on {args.host}:{args.port}", flush=True)
+
+    def on_term(*_):
+        driver.stop()
+        server.stop(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    server.wait_for_termination()
+    exit_now(0)

@@ -1,0 +1,198 @@
+"""Tensor parallelism as a transform of a built LlamaModel (gpt-fast style): `shard_model`
+replaces each layer's weights, in place, by this rank's shard.
+
+  qkv_proj      column-parallel: this rank's q heads and their k/v heads, re-fused [q; k; v]
+  o_proj        row-parallel: this rank's q-head columns, then all_reduce(sum)
+  gate_up_proj  column-parallel: this rank's slice of gate and of up, re-fused [gate; up]
+  down_proj     row-parallel, then all_reduce(sum)
+  embed_tokens  vocab-parallel: rows [lo, hi); other ids give zeros, then all_reduce(sum)
+  lm_head       vocab-parallel: logits for [lo, hi), then all_gather: every rank gets them all,
+                so every rank samples the same tokens with no extra message
+
+With fewer KV heads than ranks, each KV head is replicated on the ranks whose q heads read it.
+Only the two row-parallel sums change arithmetic (partial products summed in another order);
+the embedding sum adds zeros and the gather moves bytes, both exact.
+
+The model is loaded whole and then sliced (slices are cloned, so the full tensors are freed
+once the transform returns). That is acceptable on the CPU; on GPUs each rank should read only
+its slices from the checkpoint (safetensors slices) to keep peak memory at one shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from worker_service.models.llama import LlamaModel
+
+
+@dataclass
+class CommStats:
+    """Collective traffic of this process, for the handoff benchmark."""
+
+    calls: int = 0
+    bytes: int = 0       # payload bytes each rank contributes
+    ns: int = 0
+
+    def add(self, t: torch.Tensor, start_ns: int) -> None:
+        self.calls += 1
+        self.bytes += t.numel() * t.element_size()
+        self.ns += time.perf_counter_ns() - start_ns
+
+
+COMM = CommStats()
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    start = time.perf_counter_ns()
+    dist.all_reduce(x, group=group)
+    COMM.add(x, start)
+    return x
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r @ W_r^T: each rank holds the input columns of its shard."""
+
+    def __init__(self, weight: torch.Tensor, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, lo: int, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)   # rows [lo, lo + len)
+        self.lo, self.hi = lo, lo + weight.shape[0]
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.lo) & (ids < self.hi)
+        out = F.embedding(torch.where(mine, ids - self.lo, 0), self.weight)
+        out = out.masked_fill(~mine.unsqueeze(-1), 0.0)
+        return all_reduce(out, self.group)
+
+
+class VocabParallelLMHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, shard_rows: int, vocab_size: int,
+                 group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.shard_rows = shard_rows     # the widest shard: all_gather wants equal sizes
+        self.vocab_size = vocab_size
+        self.group = group
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        local = F.linear(h, self.weight)
+        if local.shape[-1] < self.shard_rows:   # the last shard of an uneven split
+            local = F.pad(local, (0, self.shard_rows - local.shape[-1]))
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        start = time.perf_counter_ns()
+        dist.all_gather(parts, local, group=self.group)
+        COMM.add(local, start)
+        return torch.cat(parts, dim=-1)[..., :self.vocab_size]
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """Which heads a rank keeps: q heads [q_lo, q_lo + num_heads), kv heads likewise."""
+
+    q_lo: int
+    num_heads: int
+    kv_lo: int
+    num_kv_heads: int
+
+
+def head_shard(num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int) -> HeadShard:
+    if num_heads % tp_size:
+        raise ValueError(f"{num_heads} attention heads do not split over {tp_size} ranks")
+    hq = num_heads // tp_size
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads do not split over {tp_size} ranks")
+        hk = num_kv_heads // tp_size
+        return HeadShard(tp_rank * hq, hq, tp_rank * hk, hk)
+    if tp_size % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} KV heads cannot be replicated evenly over {tp_size} ranks")
+    group = num_heads // num_kv_heads          # q heads per KV head
+    return HeadShard(tp_rank * hq, hq, (tp_rank * hq) // group, 1)
+
+
+def _rows(w: torch.Tensor, lo: int, n: int) -> torch.Tensor:
+    return w[lo:lo + n]
+
+
+def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None
+                ) -> LlamaModel:
+    """Shards `model` in place for TP rank `tp_rank` of `tp_size`; returns it. The model's
+    config then gives this rank's local head counts and intermediate size (what the runner
+    sizes its KV cache and attention backend by); vocab and hidden sizes stay global."""
+    if tp_size == 1:
+        return model
+    assert group is not None
+    c = model.config
+    if c.intermediate_size % tp_size:
+        raise ValueError(f"intermediate size {c.intermediate_size} does not split over {tp_size} ranks")
+    hs = head_shard(c.num_heads, c.num_kv_heads, tp_rank, tp_size)
+    d = c.head_dim
+    inter = c.intermediate_size // tp_size
+    with torch.no_grad():
+        for layer in model.layers:
+            attn = layer.attn
+            qkv_w = attn.qkv_proj.weight
+            qkv_b = attn.qkv_proj.bias
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                q, k, v = t.split([c.q_size, c.kv_size, c.kv_size], dim=0)
+                return torch.cat([_rows(q, hs.q_lo * d, hs.num_heads * d),
+                                  _rows(k, hs.kv_lo * d, hs.num_kv_heads * d),
+                                  _rows(v, hs.kv_lo * d, hs.num_kv_heads * d)])
+
+            qkv = nn.Linear(c.hidden_size, (hs.num_heads + 2 * hs.num_kv_heads) * d,
+                            bias=qkv_b is not None, device="meta")
+            qkv.weight = nn.Parameter(pick(qkv_w), requires_grad=False)
+            if qkv_b is not None:
+                qkv.bias = nn.Parameter(pick(qkv_b), requires_grad=False)
+            attn.qkv_proj = qkv
+            o_cols = attn.o_proj.weight[:, hs.q_lo * d:(hs.q_lo + hs.num_heads) * d]
+            attn.o_proj = RowParallelLinear(o_cols.contiguous(), group)
+            attn.num_heads, attn.num_kv_heads = hs.num_heads, hs.num_kv_heads
+
+            mlp = layer.mlp
+            gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+            lo = tp_rank * inter
+            gate_up = nn.Linear(c.hidden_size, 2 * inter, bias=False, device="meta")
+            gate_up.weight = nn.Parameter(torch.cat([gate[lo:lo + inter], up[lo:lo + inter]]),
+                                          requires_grad=False)
+            mlp.gate_up_proj = gate_up
+            mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, lo:lo + inter].contiguous(), group)
+
+        shard_rows = -(-c.vocab_size // tp_size)
+        v_lo = min(tp_rank * shard_rows, c.vocab_size)
+        v_hi = min(v_lo + shard_rows, c.vocab_size)
+        if model.embed_tokens is not None:
+            model.embed_tokens = VocabParallelEmbedding(
+                model.embed_tokens.weight[v_lo:v_hi].clone(), v_lo, group)
+        if model.lm_head is not None:
+            if c.tie_word_embeddings and isinstance(model.embed_tokens, VocabParallelEmbedding):
+                head = model.embed_tokens.weight          # still tied: one shard in memory
+            else:
+                head = model.lm_head.weight[v_lo:v_hi].clone()
+            model.lm_head = VocabParallelLMHead(head, shard_rows, c.vocab_size, group)
+            if c.tie_word_embeddings and isinstance(model.embed_tokens, VocabParallelEmbedding):
+                model.lm_head.weight = model.embed_tokens.weight
+    model.config = dataclasses.replace(c, num_heads=hs.num_heads, num_kv_heads=hs.num_kv_heads,
+                                       intermediate_size=inter)
+    for layer in model.layers:
+        layer.attn.config = model.config
+    return model
