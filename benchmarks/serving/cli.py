@@ -31,6 +31,7 @@ from benchmarks.serving.slo import EarlyFailRule, Slo
 from benchmarks.serving.workload import ARRIVAL_KINDS, LENGTH_KINDS, WorkloadConfig, build_workload, with_rate
 
 AUTO_INITIAL_FRACTION = 0.5
+AUTO_MIN_FRACTION = 1 / 8
 
 
 def token_range(text: str) -> tuple[int, int]:
@@ -159,6 +160,13 @@ def summary_table(results: Sequence[BenchResult]) -> Table:
     return table
 
 
+def make_console() -> Console:
+    """Rich's own width on a terminal; 120 columns into files and pipes, where it would assume
+    80 and wrap the tables."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def throughput_line(summary: RunSummary) -> str:
     return (
         f"{summary.num_completed}/{summary.num_requests} completed in {summary.duration_s:.1f} s: "
@@ -193,7 +201,7 @@ def bench_parser() -> argparse.ArgumentParser:
 def main_bench(argv: list[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
     stop_servers_on_sigterm()
-    console = Console()
+    console = make_console()
     config = workload_config(args)
     out_dir = output_dir(args, "bench")
     label = args.label or args.policy or "run"
@@ -238,7 +246,9 @@ def capacity_parser() -> argparse.ArgumentParser:
     )
     add_server_args(parser)
     add_workload_args(parser, arrivals=False)
-    parser.set_defaults(num_requests=64, trace="chat", length_scale=1 / 16)
+    # CPU-sized defaults: the chat trace at 1/32 of its lengths (prompt median 54 tokens, output
+    # median 13); on a GPU use --length-scale 1 and more requests per probe.
+    parser.set_defaults(num_requests=32, trace="chat", length_scale=1 / 32)
     slo = parser.add_argument_group("SLO (seconds; P99 TBT also as Nx the measured batch-1 decode time)")
     slo.add_argument("--slo-p99-tbt", default="5x", help="seconds, or e.g. 5x / 25x (default 5x: strict)")
     slo.add_argument("--slo-p99-ttft", type=float, default=None)
@@ -255,9 +265,14 @@ def capacity_parser() -> argparse.ArgumentParser:
         default="auto",
         help="req/s of the first probe; auto: half the throughput with all requests sent at once",
     )
-    search.add_argument("--min-rate", type=float, default=0.05)
-    search.add_argument("--max-probes", type=int, default=7)
-    search.add_argument("--rel-tol", type=float, default=0.15)
+    search.add_argument(
+        "--min-rate",
+        type=float,
+        default=0.05,
+        help="lowest rate probed (with auto: at least 1/8 of the saturated throughput)",
+    )
+    search.add_argument("--max-probes", type=int, default=6)
+    search.add_argument("--rel-tol", type=float, default=0.2)
     add_output_args(parser, "capacity")
     return parser
 
@@ -278,7 +293,7 @@ def main_capacity(argv: list[str] | None = None) -> int:
     if args.address and len(policies) != 1:
         raise SystemExit("with --address, give exactly one name in --policies (the running server's policy)")
     stop_servers_on_sigterm()
-    console = Console()
+    console = make_console()
     out_dir = output_dir(args, "capacity")
     config = replace(workload_config(args), arrivals="poisson")
     tbt_seconds, tbt_multiple = parse_tbt_bound(args.slo_p99_tbt)
@@ -337,14 +352,18 @@ def search_params(args: argparse.Namespace, saturation_rate: float | None) -> Se
     """With --initial-rate auto the bracket starts at half the saturated throughput: a probe
     costs (requests / rate) seconds, so starting far below capacity and halving towards it is
     what makes a CPU search slow."""
+    min_rate = args.min_rate
     if args.initial_rate == "auto":
         assert saturation_rate is not None
         initial = max(saturation_rate * AUTO_INITIAL_FRACTION, args.min_rate)
+        # A probe at rate r lasts num_requests / r seconds: below a small fraction of the
+        # saturated throughput a search would spend many minutes to report "about none".
+        min_rate = max(min_rate, saturation_rate * AUTO_MIN_FRACTION)
     else:
         initial = float(args.initial_rate)
     return SearchParams(
         initial_rate=initial,
-        min_rate=min(args.min_rate, initial),
+        min_rate=min(min_rate, initial),
         max_probes=args.max_probes,
         rel_tol=args.rel_tol,
     )
@@ -379,9 +398,10 @@ async def _search_policy(
         rule = EarlyFailRule(slo, [s.num_output_tokens for s in specs])
         label = f"{policy} @ {rate:.3g} req/s"
         run = await run_bench(address, specs, label, options, rule, console, not args.no_progress)
-        violations = slo.violations(run.summary)
-        if run.stopped_early:
-            violations = [f"stopped early: {run.stopped_early}", *violations]
+        # An early stop cancels the requests still running: they are not failures of their own.
+        violations = (
+            [f"stopped early: {run.stopped_early}"] if run.stopped_early else slo.violations(run.summary)
+        )
         runs[rate] = run
         verdict = "[green]meets SLO[/]" if not violations else f"[red]misses[/] ({'; '.join(violations)})"
         s = run.summary
