@@ -1,0 +1,57 @@
+"""A replica's workers as separate processes (each could be on another host): losing any one
+of them fails the replica fast and loudly, and leaves no process behind."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+import pytest
+from conftest import collect, greedy_request
+from grpc_health.v1 import health_pb2
+from test_services import health_status, kill, spawn
+
+from protos import generation_pb2_grpc
+from sarathi.cli import free_port, wait_serving
+
+TINY = ("--model", "dummy:tiny", "--threads", "1")
+
+
+def start_replica(tp: int, pp: int) -> tuple[str, list, dict]:
+    """Every rank as its own `sarathi worker`, plus a scheduler pointed at rank 0."""
+    world = tp * pp
+    grpc_port, sched_port = free_port(), free_port()
+    layout = ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp),
+              "--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
+              "--dist-init", f"127.0.0.1:{free_port()}"]
+    workers = [spawn("worker", "--port", str(grpc_port), "--rank", str(rank), *TINY, *layout)
+               for rank in range(world)]
+    scheduler = spawn("scheduler", "--port", str(sched_port), "--worker", f"127.0.0.1:{grpc_port}",
+                      "--model", "dummy:tiny", "--chunk-size", "64")
+    return f"127.0.0.1:{sched_port}", workers, {"scheduler": scheduler}
+
+
+@pytest.mark.parametrize("tp,pp,victim", [(2, 1, 1), (1, 2, 1), (1, 2, 0)],
+                         ids=["tp2-kill-rank1", "pp2-kill-last-stage", "pp2-kill-rank0"])
+def test_killing_one_worker_fails_the_replica_unavailable_within_10s(tp, pp, victim):
+    address, workers, others = start_replica(tp, pp)
+    try:
+        wait_serving(address, timeout=180)
+        stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(address))
+        stream = stub.Generate(greedy_request(list(range(200, 260)), 1900))
+        next(stream)
+        kill(workers[victim], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stream)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 10
+        assert health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The survivors notice the silence (heartbeats) and exit on their own: nothing hangs.
+        for w in workers:
+            w.wait(timeout=max(0.1, start + 10 - time.monotonic()))
+        assert time.monotonic() - start < 10
+    finally:
+        for p in [*workers, *others.values()]:
+            kill(p, signal.SIGKILL)
