@@ -32,6 +32,9 @@ class DecodeGraphs:
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Per row: (the block-table list last copied there, how many of its entries). Holding
+        # the list keeps its identity unique; tables only grow, so a step copies new entries.
+        self._rows: list[tuple[list[int], int] | None] = [None] * n
         self.pool = None
 
     @property
@@ -52,10 +55,12 @@ class DecodeGraphs:
             self.backend.begin_iteration(meta)
             args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, meta)
             for _ in range(2):  # compile and autotune outside the capture
+                self.backend.graph_prologue(meta)
                 self.model.compute_logits(self.model(*args))
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
+                self.backend.graph_prologue(meta)
                 logits = self.model.compute_logits(self.model(*args))
             if self.pool is None:
                 self.pool = graph.pool()
@@ -64,6 +69,23 @@ class DecodeGraphs:
 
     def padded_size(self, batch: int) -> int | None:
         return next((b for b in self.batch_sizes if b >= batch), None)
+
+    def _update_tables(self, tables: list[list[int]]) -> None:
+        rows: list[int] = []
+        cols: list[int] = []
+        values: list[int] = []
+        for i, table in enumerate(tables):
+            known = self._rows[i]
+            start = known[1] if known is not None and known[0] is table else 0
+            if start < len(table):
+                rows.extend([i] * (len(table) - start))
+                cols.extend(range(start, len(table)))
+                values.extend(table[start:])
+                self._rows[i] = (table, len(table))
+        if values:
+            dev = self.block_tables.device
+            update = torch.tensor([rows, cols, values], dtype=torch.int64).to(dev, non_blocking=True)
+            self.block_tables[update[0], update[1]] = update[2].to(torch.int32)
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             context_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
@@ -79,9 +101,7 @@ class DecodeGraphs:
         self.positions[:padded].copy_(dev[1])
         self.slots[:padded].copy_(dev[2])
         self.context_lens[:padded].copy_(dev[3])
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        self.block_tables[:batch, :width].copy_(table.to(self.block_tables.device, non_blocking=True))
+        self._update_tables(tables)
         self.backend.begin_iteration(self._meta(padded, context_lens + [1] * pad))
         graph, logits = self.graphs[padded]
         graph.replay()

@@ -9,7 +9,7 @@ from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.kv_write import write_kv, write_kv_ref
 from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 from kernels.paged_attention import paged_attention
-from kernels.rotary import rotary_, rotary_ref
+from kernels.rotary import rotary_, rotary_and_cache_, rotary_ref
 from worker_service.attention import AttentionMetadata
 
 DEV = torch.device("cuda")
@@ -61,6 +61,34 @@ def test_rotary_in_place_on_qkv_views(dtype, tokens, heads, kv_heads, head_dim):
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], untouched)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 32, 8, 128), (13, 9, 3, 64),
+                                                            (300, 28, 4, 128)])
+def test_rotary_and_cache_matches_rotary_then_write(dtype, tokens, heads, kv_heads, head_dim):
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEV, dtype=dtype)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in
+               qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    freqs = torch.outer(torch.arange(4096, device=DEV, dtype=torch.float32),
+                        1.0 / 500000 ** (torch.arange(0, head_dim, 2, device=DEV) / head_dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    positions = torch.randint(0, 4096, (tokens,), device=DEV)
+    ref_q, ref_k = rotary_ref(q.double(), k.double(), positions, cos.double(), sin.double())
+    cache = torch.randn(64, 2, 16, kv_heads, head_dim, device=DEV, dtype=dtype)
+    ref_cache = cache.double()
+    slots = torch.randperm(64 * 16, device=DEV)[:tokens]
+    slots[1::4] = -1
+    write_kv_ref(ref_cache, ref_k, v.double(), slots)
+    rotary_and_cache_(q, k, v, positions, cos, sin, cache, slots)
+    assert rel_err(q, ref_q) < TOL[dtype] and rel_err(k, ref_k) < TOL[dtype]
+    assert rel_err(cache, ref_cache) < TOL[dtype]
+    untouched = torch.ones(64 * 16, dtype=torch.bool, device=DEV)
+    untouched[slots[slots >= 0]] = False
+    flat = cache.transpose(1, 2).reshape(64 * 16, -1)
+    ref_flat = ref_cache.transpose(1, 2).reshape(64 * 16, -1)
+    assert torch.equal(flat[untouched].double(), ref_flat[untouched])
+
+
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 def test_write_kv_skips_negative_slots(tokens):
     num_blocks, block_size, kv_heads, head_dim = 64, 16, 3, 64
@@ -109,7 +137,7 @@ BATCHES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 4, 64)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 4, 32)])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_paged_attention(dtype, heads, kv_heads, head_dim, batch, block_size):

@@ -43,6 +43,10 @@ class AttentionMetadata:
 class AttentionBackend(ABC):
     """Computes attention for a ragged hybrid batch over the paged KV cache of one layer."""
 
+    # True when write_kv is exactly kernels.kv_write's slot-mapping store (negative slots
+    # skipped): the model may then fuse the store into its rotary kernel and skip write_kv.
+    writes_kv_by_slot = False
+
     def configure(self, num_heads: int, num_kv_heads: int, head_dim: int,  # noqa: B027
                   dtype: torch.dtype) -> None:
         """Called once by the runner with the model's attention shape (optional hook)."""
@@ -50,6 +54,11 @@ class AttentionBackend(ABC):
     def begin_iteration(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Called by the runner once per iteration before the first layer (e.g. to plan GPU
         kernels); never inside a CUDA-graph capture, so it may do host work."""
+
+    def graph_prologue(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
+        """Captured at the start of a CUDA graph (meta.graph_batch_size > 0), so it runs on the
+        device at every replay: derive per-iteration tensors from the static buffers here
+        rather than on the host in begin_iteration."""
 
     @abstractmethod
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -20,6 +20,8 @@ _WORKSPACE_BYTES = 256 << 20
 
 
 class FlashInferAttention(AttentionBackend):
+    writes_kv_by_slot = True
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
@@ -27,6 +29,7 @@ class FlashInferAttention(AttentionBackend):
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=True)
         self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self._graph_pages: dict[int, list[int]] = {}  # pages per row at each wrapper's last plan
         self.shape: tuple[int, int, int] | None = None
         self.dtype = torch.bfloat16
         self.active = self.prefill
@@ -50,12 +53,22 @@ class FlashInferAttention(AttentionBackend):
         # Plan reads the index pointers on the host: hand it host tensors, so it never syncs.
         indptr_t = torch.tensor(indptr, dtype=torch.int32)
         last_t = torch.tensor(last, dtype=torch.int32)
-        indices = self._page_indices(meta.block_tables, pages, indptr_t, indptr[-1])
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if meta.graph_batch_size:
             wrapper = self._graph_wrapper(meta.graph_batch_size, meta.block_tables.shape[1])
-            wrapper.plan(indptr_t, indices, last_t, num_heads, num_kv_heads, head_dim, bs, **common)
-        elif meta.num_decode_only:
+            self.active = wrapper
+            # FlashInfer's plan (how the KV is split into work items) depends only on the page
+            # count per row; page ids and last-page lengths are read from the wrapper's buffers
+            # when the kernels run, and graph_prologue refreshes those on the device. So a step
+            # whose page counts match the last plan needs no host work here at all.
+            if self._graph_pages.get(meta.graph_batch_size) != pages:
+                placeholder = torch.zeros(indptr[-1], dtype=torch.int32)  # prologue fills it
+                wrapper.plan(indptr_t, placeholder, last_t, num_heads, num_kv_heads, head_dim, bs,
+                             **common)
+                self._graph_pages[meta.graph_batch_size] = pages
+            return
+        indices = self._page_indices(meta.block_tables, pages, indptr_t, indptr[-1])
+        if meta.num_decode_only:
             wrapper = self.decode
             wrapper.plan(indptr_t, indices, last_t, num_heads, num_kv_heads, head_dim, bs, **common)
         else:
@@ -64,6 +77,22 @@ class FlashInferAttention(AttentionBackend):
             wrapper.plan(qo_indptr, indptr_t, indices, last_t, num_heads, num_kv_heads,
                          head_dim, bs, causal=True, **common)
         self.active = wrapper
+
+    def graph_prologue(self, meta: AttentionMetadata) -> None:
+        """Page ids and last-page lengths from the static context lengths and block table, into
+        the graph wrapper's buffers, with fixed-shape ops only (capturable)."""
+        wrapper = self.graph_decode[meta.graph_batch_size]
+        bs = meta.block_size
+        ctx = meta.context_lens
+        pages = (ctx + bs - 1) // bs
+        width = meta.block_tables.shape[1]
+        col = torch.arange(width, device=ctx.device, dtype=torch.int32)
+        starts = wrapper._paged_kv_indptr_buf[:-1]  # as planned: same page counts
+        used = col.unsqueeze(0) < pages.unsqueeze(1)
+        spill = wrapper._paged_kv_indices_buf.shape[0] - 1  # unused entries land in the last slot
+        dest = torch.where(used, starts.unsqueeze(1) + col, spill).to(torch.int64)
+        wrapper._paged_kv_indices_buf.scatter_(0, dest.flatten(), meta.block_tables.flatten())
+        wrapper._paged_kv_last_page_len_buf.copy_(ctx - (pages - 1) * bs)
 
     def _page_indices(self, block_tables: torch.Tensor, pages: list[int], indptr: torch.Tensor,
                       total: int) -> torch.Tensor:
@@ -82,7 +111,9 @@ class FlashInferAttention(AttentionBackend):
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
                 paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
-                paged_kv_indices_buffer=torch.zeros(batch * width, dtype=torch.int32, device=dev),
+                # One spare entry at the end: graph_prologue's sink for unused table columns.
+                paged_kv_indices_buffer=torch.zeros(batch * width + 1, dtype=torch.int32,
+                                                    device=dev),
                 paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=dev))
             self.graph_decode[batch] = wrapper
         return wrapper

@@ -10,6 +10,8 @@ from worker_service.attention.backend import AttentionBackend, AttentionMetadata
 
 
 class TritonAttention(AttentionBackend):
+    writes_kv_by_slot = True
+
     def __init__(self) -> None:
         self._max_query_len = 1
 

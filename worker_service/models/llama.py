@@ -123,8 +123,14 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, positions)
-        self.backend.write_kv(kv_cache, k, v, meta)
+        if q.is_cuda and self.backend.writes_kv_by_slot:
+            from kernels.rotary import rotary_and_cache_
+
+            # One launch rotates q and k in place and stores k, v in the cache.
+            rotary_and_cache_(q, k, v, positions, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping)
+        else:
+            q, k = rotary(q, k, positions)
+            self.backend.write_kv(kv_cache, k, v, meta)
         out = self.backend.forward(q, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, q_size))
 
