@@ -22,15 +22,8 @@ def local_server(tmp_path_factory):
 
 
 def test_bench_on_the_embedded_model_writes_sensible_results(local_server, tmp_path):
-    argv = [
-        "--address",
-        local_server.address,
-        "--label",
-        "cpu",
-        "--output-dir",
-        str(tmp_path),
-        "--no-progress",
-    ]
+    argv = ["--address", local_server.address, "--metrics-url", local_server.metrics_url]
+    argv += ["--label", "cpu", "--output-dir", str(tmp_path), "--no-progress"]
     argv += ["--num-requests", "6", "--rate", "4", "--lengths", "uniform"]
     argv += ["--prompt-tokens", "16:96", "--output-tokens", "4:12", "--warmup", "1"]
     assert main_bench(argv) == 0
@@ -46,7 +39,10 @@ def test_bench_on_the_embedded_model_writes_sensible_results(local_server, tmp_p
     assert summary["output_token_throughput"] > 0
     rows = list(csv.DictReader((tmp_path / "cpu_requests.csv").open()))
     assert len(rows) == 6
-    for name in ("cpu_ttft_cdf.png", "cpu_tbt_cdf.png"):
+    # The server's own counters, sampled during the run, saw it work.
+    totals = document["server_metrics"]["run_totals"]
+    assert totals["generated_tokens"] > 0 and totals["iterations"] > 0 and totals["mean_iteration_s"] > 0
+    for name in ("cpu_ttft_cdf.png", "cpu_tbt_cdf.png", "cpu_timeline.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -3,6 +3,7 @@ summarize."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from benchmarks.serving.client import ClientOptions, ServerInfo, StopRule, run_w
 from benchmarks.serving.metrics import RunSummary, percentile, summarize_run
 from benchmarks.serving.progress import run_progress
 from benchmarks.serving.records import RequestRecord
+from benchmarks.serving.server_metrics import MetricsTimeline, sample_metrics
 from benchmarks.serving.workload import RequestSpec
 
 WARMUP_PROMPT_TOKENS = 64
@@ -25,6 +27,7 @@ class BenchResult:
     records: list[RequestRecord]
     summary: RunSummary
     stopped_early: str | None
+    server_metrics: MetricsTimeline | None = None  # sampled from the server's /metrics, if given
 
 
 async def warm_up(address: str, num_requests: int, options: ClientOptions) -> None:
@@ -47,13 +50,27 @@ async def run_bench(
     stop_rule: StopRule | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    metrics_url: str | None = None,
 ) -> BenchResult:
-    if show_progress:
-        with run_progress(label, len(specs), console) as on_progress:
-            run = await run_workload(address, specs, options, on_progress, stop_rule)
-    else:
-        run = await run_workload(address, specs, options, None, stop_rule)
-    return BenchResult(label, run.server, run.records, summarize_run(run.records), run.stopped_early)
+    stop_sampling = asyncio.Event()
+    sampler = asyncio.create_task(sample_metrics(metrics_url, stop_sampling)) if metrics_url else None
+    try:
+        if show_progress:
+            with run_progress(label, len(specs), console) as on_progress:
+                run = await run_workload(address, specs, options, on_progress, stop_rule)
+        else:
+            run = await run_workload(address, specs, options, None, stop_rule)
+    finally:
+        stop_sampling.set()
+        timeline = await sampler if sampler is not None else None
+    return BenchResult(
+        label,
+        run.server,
+        run.records,
+        summarize_run(run.records),
+        run.stopped_early,
+        timeline.shifted(run.clock_start) if timeline is not None else None,
+    )
 
 
 DECODE_PROBE_PROMPT_TOKENS = 32

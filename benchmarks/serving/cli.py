@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -26,6 +26,7 @@ from benchmarks.serving.capacity_report import capacity_table, write_capacity_re
 from benchmarks.serving.client import ClientOptions
 from benchmarks.serving.metrics import Distribution, RunSummary
 from benchmarks.serving.report import plot_cdfs, write_run_report
+from benchmarks.serving.server_metrics import MetricsTimeline
 from benchmarks.serving.server_process import LocalServer, ServerLaunch, ServerStartError
 from benchmarks.serving.slo import EarlyFailRule, Slo
 from benchmarks.serving.workload import ARRIVAL_KINDS, LENGTH_KINDS, WorkloadConfig, build_workload, with_rate
@@ -54,6 +55,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="extra argument for `sarathi serve`, repeatable (e.g. --server-arg=--max-num-seqs=64)",
     )
     group.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+    group.add_argument(
+        "--metrics-url",
+        help="with --address: the server's Prometheus page (http://HOST:PORT/metrics), for the timeline",
+    )
 
 
 def add_workload_args(parser: argparse.ArgumentParser, arrivals: bool = True) -> None:
@@ -120,10 +125,16 @@ def output_dir(args: argparse.Namespace, kind: str) -> Path:
     return Path("bench_results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    address: str  # gRPC HOST:PORT
+    metrics_url: str | None  # its Prometheus page, sampled during runs when known
+
+
 @contextlib.contextmanager
-def server_address(args: argparse.Namespace, policy: str | None, log_dir: Path) -> Iterator[str]:
+def server_endpoint(args: argparse.Namespace, policy: str | None, log_dir: Path) -> Iterator[Endpoint]:
     if args.address:
-        yield args.address
+        yield Endpoint(args.address, args.metrics_url)
         return
     launch = ServerLaunch(
         policy=policy,
@@ -134,7 +145,7 @@ def server_address(args: argparse.Namespace, policy: str | None, log_dir: Path) 
         log_path=log_dir / f"server-{policy or 'default'}.log",
     )
     with LocalServer(launch) as server:
-        yield server.address
+        yield Endpoint(server.address, server.metrics_url)
 
 
 def summary_table(results: Sequence[BenchResult]) -> Table:
@@ -165,6 +176,18 @@ def make_console() -> Console:
     80 and wrap the tables."""
     console = Console()
     return console if console.is_terminal else Console(width=120)
+
+
+def server_line(timeline: MetricsTimeline) -> str:
+    totals = timeline.run_totals()
+    if not totals:
+        return f"server metrics: too few samples from {timeline.url}"
+    mean_ms = totals.get("mean_iteration_s", float("nan")) * 1e3
+    return (
+        f"server: {totals.get('iterations', 0):.0f} iterations, mean {mean_ms:.1f} ms; "
+        f"{totals.get('prefill_tokens', 0):.0f} prefill and {totals.get('generated_tokens', 0):.0f} "
+        f"generated tokens; {totals.get('preemptions', 0):.0f} preemptions"
+    )
 
 
 def throughput_line(summary: RunSummary) -> str:
@@ -207,12 +230,19 @@ def main_bench(argv: list[str] | None = None) -> int:
     label = args.label or args.policy or "run"
     specs = build_workload(config)
     options = client_options(args)
-    with server_address(args, args.policy, out_dir) as address:
-        console.print(f"[bold]bench[/] {label}: {len(specs)} requests against {address}")
-        asyncio.run(warm_up(address, args.warmup, options))
-        result = asyncio.run(
-            run_bench(address, specs, label, options, console=console, show_progress=not args.no_progress)
+    with server_endpoint(args, args.policy, out_dir) as endpoint:
+        console.print(f"[bold]bench[/] {label}: {len(specs)} requests against {endpoint.address}")
+        asyncio.run(warm_up(endpoint.address, args.warmup, options))
+        bench = run_bench(
+            endpoint.address,
+            specs,
+            label,
+            options,
+            console=console,
+            show_progress=not args.no_progress,
+            metrics_url=endpoint.metrics_url,
         )
+        result = asyncio.run(bench)
     metadata = {
         "command": ["sarathi", "bench", *(argv if argv is not None else sys.argv[1:])],
         "workload": asdict(config),
@@ -221,10 +251,12 @@ def main_bench(argv: list[str] | None = None) -> int:
         "policy": args.policy,
         "chunk_size": args.chunk_size,
     }
-    files = write_run_report(out_dir, label, result.records, result.summary, metadata)
+    files = write_run_report(out_dir, label, result.records, result.summary, metadata, result.server_metrics)
     console.print(summary_table([result]))
     console.print(throughput_line(result.summary))
-    console.print(f"wrote {files.json}, {files.csv}, {files.ttft_cdf}, {files.tbt_cdf}")
+    if result.server_metrics is not None:
+        console.print(server_line(result.server_metrics))
+    console.print("wrote " + ", ".join(str(p) for p in files.paths()))
     return 0 if result.summary.num_failed == 0 else 1
 
 
@@ -309,7 +341,8 @@ def main_capacity(argv: list[str] | None = None) -> int:
     decode_time_s: float | None = None
     for policy in policies:
         try:
-            with server_address(args, None if args.address else policy, out_dir) as address:
+            with server_endpoint(args, None if args.address else policy, out_dir) as endpoint:
+                address = endpoint.address
                 asyncio.run(warm_up(address, args.warmup, options))
                 if tbt_multiple is not None and decode_time_s is None:
                     # Once, on the first server: every policy is held to the same SLO.
@@ -321,7 +354,7 @@ def main_capacity(argv: list[str] | None = None) -> int:
                     )
                 console.print(f"[bold]{policy}[/]: SLO {slo.describe()}")
                 result, best = asyncio.run(
-                    _search_policy(policy, address, config, slo, options, args, console)
+                    _search_policy(policy, endpoint, config, slo, options, args, console)
                 )
         except ServerStartError as e:
             # One policy that cannot start (not written yet, say) must not cost the others.
@@ -349,21 +382,26 @@ def main_capacity(argv: list[str] | None = None) -> int:
 
 
 def search_params(args: argparse.Namespace, saturation_rate: float | None) -> SearchParams:
-    """With --initial-rate auto the bracket starts at half the saturated throughput: a probe
-    costs (requests / rate) seconds, so starting far below capacity and halving towards it is
-    what makes a CPU search slow."""
+    """With --initial-rate auto the bracket starts at half the saturated throughput and ends at
+    it: a probe costs (requests / rate) seconds, so starting far below capacity and halving
+    towards it is what makes a CPU search slow."""
     min_rate = args.min_rate
+    max_rate = SearchParams.max_rate
     if args.initial_rate == "auto":
         assert saturation_rate is not None
         initial = max(saturation_rate * AUTO_INITIAL_FRACTION, args.min_rate)
         # A probe at rate r lasts num_requests / r seconds: below a small fraction of the
         # saturated throughput a search would spend many minutes to report "about none".
         min_rate = max(min_rate, saturation_rate * AUTO_MIN_FRACTION)
+        # No rate above the saturated throughput is sustainable: its queue grows without bound.
+        # A short probe can still pass there (the queue has no time to grow), so cap the search.
+        max_rate = saturation_rate
     else:
         initial = float(args.initial_rate)
     return SearchParams(
         initial_rate=initial,
         min_rate=min(min_rate, initial),
+        max_rate=max(max_rate, initial),
         max_probes=args.max_probes,
         rel_tol=args.rel_tol,
     )
@@ -371,7 +409,7 @@ def search_params(args: argparse.Namespace, saturation_rate: float | None) -> Se
 
 async def _search_policy(
     policy: str,
-    address: str,
+    endpoint: Endpoint,
     config: WorkloadConfig,
     slo: Slo,
     options: ClientOptions,
@@ -382,7 +420,7 @@ async def _search_policy(
     saturation_rate = None
     if args.initial_rate == "auto":
         saturated = await run_bench(
-            address,
+            endpoint.address,
             build_workload(replace(config, arrivals="static")),
             f"{policy} saturated",
             options,
@@ -397,7 +435,9 @@ async def _search_policy(
         specs = build_workload(with_rate(config, rate))
         rule = EarlyFailRule(slo, [s.num_output_tokens for s in specs])
         label = f"{policy} @ {rate:.3g} req/s"
-        run = await run_bench(address, specs, label, options, rule, console, not args.no_progress)
+        run = await run_bench(
+            endpoint.address, specs, label, options, rule, console, not args.no_progress, endpoint.metrics_url
+        )
         # An early stop cancels the requests still running: they are not failures of their own.
         violations = (
             [f"stopped early: {run.stopped_early}"] if run.stopped_early else slo.violations(run.summary)
@@ -419,7 +459,9 @@ async def _search_policy(
 def _write_best_runs(out_dir: Path, runs: dict[str, BenchResult], slo: Slo, metadata: dict) -> None:
     """Per policy, the run at its capacity (JSON, CSV, CDFs), and CDFs of all policies together."""
     for policy, run in runs.items():
-        write_run_report(out_dir / "at_capacity", policy, run.records, run.summary, metadata)
+        write_run_report(
+            out_dir / "at_capacity", policy, run.records, run.summary, metadata, run.server_metrics
+        )
     if runs:
         ttft = {p: [r.ttft_s for r in run.records if r.ttft_s is not None] for p, run in runs.items()}
         tbt = {p: [g for r in run.records for g in r.tbt_gaps_s] for p, run in runs.items()}

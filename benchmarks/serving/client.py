@@ -64,6 +64,7 @@ class ClientRun:
     server: ServerInfo
     records: list[RequestRecord]
     stopped_early: str | None  # why the run was cut short, if it was
+    clock_start: float  # time.perf_counter() at the run's t = 0
 
 
 # Called every STOP_CHECK_INTERVAL_S with the records so far and the run clock; returns a reason
@@ -125,7 +126,7 @@ async def run_workload(
         ]
         run = _OpenLoopRun(stub, requests, records, options, on_progress, stop_rule)
         stopped_early = await run.run()
-    return ClientRun(server, records, stopped_early)
+    return ClientRun(server, records, stopped_early, run.start)
 
 
 class _OpenLoopRun:

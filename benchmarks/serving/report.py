@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.serving.metrics import RunSummary  # noqa: E402
 from benchmarks.serving.records import RequestRecord  # noqa: E402
+from benchmarks.serving.server_metrics import TIMELINE_GAUGES, MetricsTimeline  # noqa: E402
 
 REQUEST_COLUMNS = (
     "index",
@@ -45,6 +46,10 @@ class RunFiles:
     csv: Path
     ttft_cdf: Path
     tbt_cdf: Path
+    timeline: Path | None  # only when the server's metrics were sampled
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.json, self.csv, self.ttft_cdf, self.tbt_cdf, self.timeline) if p is not None]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -88,19 +93,23 @@ def write_run_report(
     records: Sequence[RequestRecord],
     summary: RunSummary,
     metadata: Mapping[str, Any],
+    server_metrics: MetricsTimeline | None = None,
 ) -> RunFiles:
     """`metadata`: whatever makes the run reproducible (workload config, server, command)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    has_timeline = server_metrics is not None and len(server_metrics.samples) >= 2
     files = RunFiles(
         json=out_dir / f"{label}.json",
         csv=out_dir / f"{label}_requests.csv",
         ttft_cdf=out_dir / f"{label}_ttft_cdf.png",
         tbt_cdf=out_dir / f"{label}_tbt_cdf.png",
+        timeline=out_dir / f"{label}_timeline.png" if has_timeline else None,
     )
     document = {
         "label": label,
         "metadata": metadata,
         "summary": summary,
+        "server_metrics": None if server_metrics is None else server_metrics_document(server_metrics),
         "requests": [
             {**request_row(r), "chunk_times_s": r.chunk_times_s, "chunk_num_tokens": r.chunk_num_tokens}
             for r in records
@@ -115,7 +124,51 @@ def write_run_report(
     tbt = {label: [gap for r in records for gap in r.tbt_gaps_s]}
     plot_cdfs(ttft, "TTFT (s)", f"Time to first token: {label}", files.ttft_cdf)
     plot_cdfs(tbt, "time between tokens (s)", f"Time between tokens: {label}", files.tbt_cdf)
+    if files.timeline is not None and server_metrics is not None:
+        plot_timeline(records, server_metrics, f"Timeline: {label}", files.timeline)
     return files
+
+
+def server_metrics_document(timeline: MetricsTimeline) -> dict[str, Any]:
+    return {
+        "url": timeline.url,
+        "run_totals": timeline.run_totals(),
+        "missed_scrapes": timeline.errors,
+        "timeline": {"t_s": timeline.times_s, **{name: timeline.series(name) for name in TIMELINE_GAUGES}},
+    }
+
+
+def plot_timeline(
+    records: Sequence[RequestRecord], timeline: MetricsTimeline, title: str, path: Path
+) -> None:
+    """Top: requests running and waiting at the scheduler (its batch and its queue); bottom:
+    KV-cache use, and the tokens/s the client received, so a stall shows up against its cause."""
+    fig, (queues, usage) = plt.subplots(2, 1, figsize=(8, 5), dpi=120, sharex=True)
+    t = timeline.times_s
+    queues.step(t, timeline.series("sarathi_requests_running"), where="post", label="running")
+    queues.step(t, timeline.series("sarathi_requests_waiting"), where="post", label="waiting")
+    queues.set_ylabel("requests")
+    queues.set_title(title)
+    queues.grid(alpha=0.3)
+    queues.legend(fontsize=8, loc="upper left")
+    usage.plot(
+        t, [100 * v for v in timeline.series("sarathi_kv_cache_usage_ratio")], color="C2", label="KV use"
+    )
+    usage.set_ylabel("KV cache used (%)")
+    usage.set_xlabel("time since the run started (s)")
+    usage.grid(alpha=0.3)
+    token_times = [time for r in records for time in r.chunk_times_s]
+    if token_times and len(t) >= 2:
+        rate = usage.twinx()
+        edges = np.arange(0.0, max(max(token_times), t[-1]) + 1.0, 1.0)
+        counts, _ = np.histogram(token_times, bins=edges)
+        rate.step(edges[:-1], counts, where="post", color="C3", linewidth=1, label="tokens/s received")
+        rate.set_ylabel("tokens/s received")
+        rate.legend(fontsize=8, loc="upper right")
+    usage.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_cdfs(

@@ -33,9 +33,12 @@ class ServerLaunch:
     startup_timeout_s: float = 300.0  # the first start converts the GGUF weights
     log_path: Path | None = None  # the server's stdout and stderr; a temporary file if None
     env: dict[str, str] = field(default_factory=dict)
+    metrics: bool = True  # serve Prometheus /metrics on a port of its own, for the timeline
 
-    def command(self, port: int) -> list[str]:
+    def command(self, port: int, metrics_port: int | None = None) -> list[str]:
         args = [*sarathi_command(), "serve", "--port", str(port)]
+        if metrics_port is not None:
+            args += ["--metrics-port", str(metrics_port)]
         if self.policy is not None:
             args += ["--policy", self.policy]
         if self.chunk_size is not None:
@@ -105,6 +108,8 @@ class LocalServer:
         self.launch = launch
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port() if launch.metrics else None
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
         self.process: subprocess.Popen | None = None
         self.log_path = launch.log_path
 
@@ -115,7 +120,7 @@ class LocalServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            self.launch.command(self.port),
+            self.launch.command(self.port, self.metrics_port),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
