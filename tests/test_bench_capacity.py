@@ -66,3 +66,9 @@ def test_a_policy_the_scheduler_lacks_is_reported_not_measured_without_a_server(
     (row,) = json.loads((tmp_path / "capacity.json").read_text())["table"]
     assert row["capacity_rps"] == 0.0 and "unknown policy" in row["error"]
     assert "not measured" in capsys.readouterr().out
+
+
+def test_each_policy_may_carry_its_own_token_budget():
+    from benchmarks.serving.cli import parse_policies
+
+    assert parse_policies("sarathi:128, vllm:2048,orca") == [("sarathi", 128), ("vllm", 2048), ("orca", None)]

@@ -73,3 +73,23 @@ def test_capacity_report_writes_json_csv_and_png(tmp_path):
     rows = list(csv.DictReader(paths["csv"].open()))
     assert rows[1]["policy"] == "vllm" and rows[1]["p99_tbt_s"] == ""
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sampled_server_timeline_adds_a_timeline_plot_and_run_totals(tmp_path):
+    from benchmarks.serving.server_metrics import MetricsTimeline
+
+    page = {
+        "sarathi_requests_running": 1.0,
+        "sarathi_requests_waiting": 0.0,
+        "sarathi_kv_cache_usage_ratio": 0.1,
+        "sarathi_iteration_seconds_count": 5.0,
+        "sarathi_iteration_seconds_sum": 0.25,
+    }
+    later = {**page, "sarathi_iteration_seconds_count": 9.0, "sarathi_iteration_seconds_sum": 0.45}
+    timeline = MetricsTimeline("http://x/metrics", [0.0, 0.5], [page, later])
+    recs = records()
+    files = write_run_report(tmp_path, "t", recs, summarize_run(recs), {}, timeline)
+    assert files.timeline is not None and files.timeline.read_bytes()[:4] == b"\x89PNG"
+    document = json.loads(files.json.read_text())
+    assert document["server_metrics"]["run_totals"]["iterations"] == 4
+    assert document["server_metrics"]["timeline"]["sarathi_requests_running"] == [1.0, 1.0]

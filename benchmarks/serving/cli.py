@@ -132,17 +132,19 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def server_endpoint(args: argparse.Namespace, policy: str | None, log_dir: Path) -> Iterator[Endpoint]:
+def server_endpoint(
+    args: argparse.Namespace, policy: str | None, log_dir: Path, chunk_size: int | None = None
+) -> Iterator[Endpoint]:
     if args.address:
         yield Endpoint(args.address, args.metrics_url)
         return
     launch = ServerLaunch(
         policy=policy,
-        chunk_size=args.chunk_size,
+        chunk_size=chunk_size or args.chunk_size,
         model=args.model,
         extra_args=tuple(args.server_arg),
         startup_timeout_s=args.startup_timeout,
-        log_path=log_dir / f"server-{policy or 'default'}.log",
+        log_path=log_dir / f"server-{policy or 'default'}{f'-{chunk_size}' if chunk_size else ''}.log",
     )
     with LocalServer(launch) as server:
         yield Endpoint(server.address, server.metrics_url)
@@ -274,7 +276,10 @@ def capacity_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--policies",
         default="sarathi,vllm,orca",
-        help="comma-separated; a fresh server per policy (with --address: one label for that server)",
+        help=(
+            "comma-separated NAME or NAME:CHUNK_SIZE (e.g. sarathi:128,vllm:2048); a fresh server per "
+            "entry (with --address: one label for that server)"
+        ),
     )
     add_server_args(parser)
     add_workload_args(parser, arrivals=False)
@@ -309,6 +314,17 @@ def capacity_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_policies(text: str) -> list[tuple[str, int | None]]:
+    """`sarathi:128,vllm` -> [("sarathi", 128), ("vllm", None)]: each policy may get its own
+    token budget, as in the paper (chunked prefills want a small one, vLLM's prefills a large one)."""
+    entries = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            name, _, chunk = item.partition(":")
+            entries.append((name, int(chunk) if chunk else None))
+    return entries
+
+
 def parse_tbt_bound(text: str) -> tuple[float | None, float | None]:
     """(seconds, multiple of the decode time): `0.1` -> (0.1, None); `5x` -> (None, 5.0)."""
     text = text.strip().lower()
@@ -321,7 +337,7 @@ def parse_tbt_bound(text: str) -> tuple[float | None, float | None]:
 
 def main_capacity(argv: list[str] | None = None) -> int:
     args = capacity_parser().parse_args(argv)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = parse_policies(args.policies)
     if args.address and len(policies) != 1:
         raise SystemExit("with --address, give exactly one name in --policies (the running server's policy)")
     stop_servers_on_sigterm()
@@ -339,9 +355,10 @@ def main_capacity(argv: list[str] | None = None) -> int:
     results: list[CapacityResult] = []
     best_runs: dict[str, BenchResult] = {}
     decode_time_s: float | None = None
-    for policy in policies:
+    for name, chunk_size in policies:
+        policy = name if chunk_size is None else f"{name}:{chunk_size}"  # the row's label
         try:
-            with server_endpoint(args, None if args.address else policy, out_dir) as endpoint:
+            with server_endpoint(args, None if args.address else name, out_dir, chunk_size) as endpoint:
                 address = endpoint.address
                 asyncio.run(warm_up(address, args.warmup, options))
                 if tbt_multiple is not None and decode_time_s is None:
