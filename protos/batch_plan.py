@@ -30,6 +30,7 @@ class NewSequence:
     block_table: list[int]
     sampling: SamplingOptions
     num_prompt_tokens: int
+    num_computed_tokens: int = 0   # a prefix-cache hit: these tokens' KV is already in the table
 
 
 @dataclass
@@ -70,6 +71,7 @@ class BatchPlan:
                         temperature=s.sampling.temperature, top_p=s.sampling.top_p,
                         top_k=s.sampling.top_k, seed=s.sampling.seed),
                     num_prompt_tokens=s.num_prompt_tokens,
+                    num_computed_tokens=s.num_computed_tokens,
                 )
                 for s in self.new_sequences
             ],
@@ -93,6 +95,7 @@ class BatchPlan:
                         top_k=s.sampling.top_k,
                         seed=s.sampling.seed if s.sampling.HasField("seed") else None),
                     num_prompt_tokens=s.num_prompt_tokens,
+                    num_computed_tokens=s.num_computed_tokens,
                 )
                 for s in msg.new_sequences
             ],
@@ -110,6 +113,7 @@ class StepTimings:
     prepare_ns: int = 0
     forward_ns: int = 0
     sample_ns: int = 0
+    idle_ns: int = 0
 
 
 @dataclass
@@ -124,10 +128,11 @@ class StepOutput:
         return worker_pb2.StepResult(
             step_id=self.step_id, seq_ids=self.seq_ids, token_ids=self.token_ids,
             timings=worker_pb2.StepTimings(queued_ns=t.queued_ns, prepare_ns=t.prepare_ns,
-                                           forward_ns=t.forward_ns, sample_ns=t.sample_ns))
+                                           forward_ns=t.forward_ns, sample_ns=t.sample_ns,
+                                           idle_ns=t.idle_ns))
 
     @classmethod
     def from_proto(cls, msg: worker_pb2.StepResult) -> StepOutput:
         t = msg.timings
         return cls(step_id=msg.step_id, seq_ids=list(msg.seq_ids), token_ids=list(msg.token_ids),
-                   timings=StepTimings(t.queued_ns, t.prepare_ns, t.forward_ns, t.sample_ns))
+                   timings=StepTimings(t.queued_ns, t.prepare_ns, t.forward_ns, t.sample_ns, t.idle_ns))

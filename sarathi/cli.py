@@ -81,10 +81,31 @@ def run_worker(args: argparse.Namespace) -> None:
 
 # --- scheduler ------------------------------------------------------------------------------
 def add_scheduler_args(p: argparse.ArgumentParser) -> None:
+    from scheduler_service.policies import POLICIES
+
     g = p.add_argument_group("scheduler")
-    g.add_argument("--policy", default="sarathi", help="scheduling policy (default: sarathi)")
+    g.add_argument("--policy", default="sarathi",
+                   choices=list(POLICIES),
+                   help="scheduling policy (default: sarathi; see docs/policies.md): sarathi = "
+                        "chunked prefills beside decodes, never stalling them; sarathi_dynamic = "
+                        "sarathi with the chunk shrunk to --target-iteration-ms; vllm = "
+                        "prefill-first, whole prompts, decodes stall; orca = whole prompts mixed "
+                        "with decodes; faster_transformer = request-level batches; "
+                        "simple_chunking = chunked prefills and decodes in alternate iterations")
     g.add_argument("--chunk-size", type=int, default=512,
-                   help="token budget per iteration: prompts are prefilled in chunks of at most this")
+                   help="token budget per iteration: prompts are prefilled in chunks of at most this "
+                        "(for vllm, orca, faster_transformer: the most tokens of whole prompts per "
+                        "iteration; a longer prompt runs as the iteration's only one)")
+    g.add_argument("--target-iteration-ms", type=float, default=50.0,
+                   help="sarathi_dynamic: shrink the prefill chunk so that an iteration's predicted "
+                        "time stays within this (default: 50)")
+    g.add_argument("--min-chunk-size", type=int, default=32,
+                   help="sarathi_dynamic: the smallest prefill chunk (default: 32)")
+    g.add_argument("--watermark", type=float, default=0.01,
+                   help="share of KV blocks that admitting new requests leaves free for running "
+                        "ones (default: 0.01)")
+    g.add_argument("--prefix-caching", action="store_true",
+                   help="reuse the KV of full blocks shared with earlier prompts (default: off)")
     g.add_argument("--max-batch-size", type=int, default=128, help="most sequences per iteration")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--num-kv-blocks", type=int, default=None,
@@ -93,12 +114,30 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
                    help="share of the worker's free memory the KV cache may take")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     g.add_argument("--max-queue", type=int, default=4096, help="requests in flight before RESOURCE_EXHAUSTED")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="wait for each step's result before scheduling the next (default: overlap)")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
 
 
+def _cache_kwargs(cache) -> dict:
+    """The engine's block-manager settings. Until the engine takes a CacheConfig (field `cache`),
+    only the defaults can run; asking for others then fails here, loudly."""
+    import dataclasses
+
+    from scheduler_service.block_manager import CacheConfig
+    from scheduler_service.engine import EngineConfig
+
+    if "cache" in {f.name for f in dataclasses.fields(EngineConfig)}:
+        return {"cache": cache}
+    if cache != CacheConfig():
+        raise SystemExit("--watermark and --prefix-caching need an engine that takes a CacheConfig")
+    return {}
+
+
 def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None) -> None:
     from sarathi.model_spec import resolve
+    from scheduler_service.block_manager import CacheConfig
     from scheduler_service.policies import PolicyConfig
     from scheduler_service.server import serve_frontend
     from scheduler_service.tokenizer import load_tokenizer
@@ -108,9 +147,12 @@ def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None
     engine_kwargs = dict(
         worker_address=worker_address, policy=args.policy,
         policy_config=PolicyConfig(token_budget=args.chunk_size,
-                                   max_batch_size=min(args.max_batch_size, args.chunk_size)),
+                                   max_batch_size=min(args.max_batch_size, args.chunk_size),
+                                   target_iteration_ms=args.target_iteration_ms,
+                                   min_chunk_size=args.min_chunk_size),
+        **_cache_kwargs(CacheConfig(watermark=args.watermark, prefix_caching=args.prefix_caching)),
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        memory_fraction=args.memory_fraction)
+        memory_fraction=args.memory_fraction, overlap=args.overlap)
     try:
         asyncio.run(serve_frontend(args.host, args.port, engine_kwargs, tokenizer, source.name,
                                    args.max_queue, args.metrics_port))

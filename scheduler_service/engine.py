@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from scheduler_service.block_manager import BlockManager
+from protos.batch_plan import BatchPlan
+from scheduler_service.block_manager import CacheConfig, make_block_manager
 from scheduler_service.metrics import EngineStats
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
@@ -33,9 +34,11 @@ class EngineConfig:
     policy: str = "sarathi"
     policy_config: PolicyConfig = field(default_factory=PolicyConfig)
     block_size: int = 16
+    cache: CacheConfig = field(default_factory=CacheConfig)
     num_kv_blocks: int | None = None   # None: as many as the worker reports
     memory_fraction: float = 0.9
     worker_timeout_s: float = 600.0
+    overlap: bool = True          # schedule and send plan N+1 while the worker runs plan N
     trace_length: int = 10000     # iterations kept in the per-iteration trace
 
 
@@ -89,8 +92,8 @@ class IterationRecord:
     """One iteration as the scheduler saw it (for tests, metrics and trace dumps)."""
 
     step_id: int
-    start: float                  # monotonic seconds
-    duration_s: float
+    start: float                  # monotonic seconds, when scheduling began
+    schedule_s: float             # the policy and plan building
     num_prefill_tokens: int
     num_decode_tokens: int
     decode_seq_ids: list[int]
@@ -98,7 +101,18 @@ class IterationRecord:
     num_preempted: int
     kv_blocks_used: int
     num_waiting: int
-    worker_forward_ns: int
+    duration_s: float = 0.0       # scheduling began -> result applied
+    round_trip_s: float = 0.0     # plan sent -> result received (includes queueing behind N-1)
+    worker_prepare_ns: int = 0
+    worker_forward_ns: int = 0
+    worker_sample_ns: int = 0
+    worker_idle_ns: int = 0       # the worker waited this long for the plan: the gap to remove
+
+
+@dataclass
+class _InFlight:
+    record: IterationRecord
+    sent: float
 
 
 @dataclass
@@ -131,43 +145,70 @@ class Engine:
                                "or raise --memory-fraction")
         self.link.init_cache(num_blocks, cfg.block_size)
         policy = make_policy(cfg.policy, cfg.policy_config)
-        self.scheduler = Scheduler(policy, BlockManager(num_blocks, cfg.block_size))
+        self.scheduler = Scheduler(policy, make_block_manager(num_blocks, cfg.block_size, cfg.cache))
         self.out.send_pyobj(EngineReady(
             model=info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
             eos_token_ids=list(info.eos_token_ids), block_size=cfg.block_size,
             num_kv_blocks=num_blocks, dtype=info.dtype, device=info.device))
 
     def run(self) -> None:
-        assert self.scheduler is not None
+        """The loop. With overlap, plan N+1 is scheduled and sent while the worker runs plan N
+        (its decodes refer to tokens not yet received); results are then read in order."""
+        sched = self.scheduler
+        assert sched is not None
+        depth = 2 if self.config.overlap else 1
+        in_flight: deque[_InFlight] = deque()
         while True:
-            self._drain_commands(block=not self.scheduler.has_work())
-            if self.scheduler.has_work():
-                self.step()
+            self._drain_commands(block=not sched.has_work() and not in_flight)
+            if sched.has_work() and len(in_flight) < depth:
+                sent = self._schedule_and_send()
+                if sent is not None:
+                    in_flight.append(sent)
+                    if len(in_flight) < depth:
+                        continue  # keep the worker's queue full before waiting on a result
+            if in_flight:
+                self._receive(in_flight.popleft())
 
-    def step(self) -> None:
+    def _schedule_and_send(self) -> _InFlight | None:
         sched = self.scheduler
         assert sched is not None
         start = time.monotonic()
         plan = sched.schedule()
         if plan.is_empty:
-            return
-        result = self.link.step(plan)
-        updates = sched.update(result)
-        record = self._record(plan, start, result.timings.forward_ns)
+            return None
+        scheduled = time.monotonic()
+        self.link.send(plan)
+        record = self._record(plan, start, scheduled - start)
         self.preemptions_total += record.num_preempted
+        return _InFlight(record, time.monotonic())
+
+    def _receive(self, flight: _InFlight) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        result = self.link.receive()
+        if result.step_id != flight.record.step_id:
+            raise RuntimeError(f"result for step {result.step_id} arrived, expected {flight.record.step_id}")
+        updates = sched.update(result)
+        record = flight.record
+        now = time.monotonic()
+        record.duration_s = now - record.start
+        record.round_trip_s = now - flight.sent
+        t = result.timings
+        record.worker_prepare_ns, record.worker_forward_ns = t.prepare_ns, t.forward_ns
+        record.worker_sample_ns, record.worker_idle_ns = t.sample_ns, t.idle_ns
         self.out.send_pyobj(StepUpdates(updates, EngineStats(
             num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
             kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,
             preemptions_total=self.preemptions_total, iteration_s=record.duration_s,
             num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens)))
 
-    def _record(self, plan, start: float, forward_ns: int) -> IterationRecord:
+    def _record(self, plan: BatchPlan, start: float, schedule_s: float) -> IterationRecord:
         sched = self.scheduler
         assert sched is not None and sched.last_schedule is not None
         decode_ids, prefill_ids, decode_tokens, prefill_tokens = [], [], 0, 0
         for chunk in sched.last_schedule.chunks:
             req = chunk.request
-            # A chunk of one token at the end of the known tokens, after a prefill, is a decode.
+            # A chunk of one token past the prompt is a decode.
             if chunk.num_tokens == 1 and req.num_computed_tokens > req.num_prompt_tokens:
                 decode_ids.append(req.seq_id)
                 decode_tokens += 1
@@ -175,12 +216,11 @@ class Engine:
                 prefill_ids.append(req.seq_id)
                 prefill_tokens += chunk.num_tokens
         record = IterationRecord(
-            step_id=plan.step_id, start=start, duration_s=time.monotonic() - start,
+            step_id=plan.step_id, start=start, schedule_s=schedule_s,
             num_prefill_tokens=prefill_tokens, num_decode_tokens=decode_tokens,
             decode_seq_ids=decode_ids, prefill_seq_ids=prefill_ids,
             num_preempted=len(sched.last_schedule.preempted),
-            kv_blocks_used=sched.blocks.num_used_blocks, num_waiting=len(sched.state.waiting),
-            worker_forward_ns=forward_ns)
+            kv_blocks_used=sched.blocks.num_used_blocks, num_waiting=len(sched.state.waiting))
         self.trace.append(record)
         return record
 

@@ -40,6 +40,16 @@ class Request:
     known_to_worker: bool = False         # the worker holds its tokens and block table
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    # Prefix-cache keys of this request's full blocks, filled in lazily by the block manager
+    # (tokens are only appended, so the keys computed so far stay valid).
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    # Overlapped scheduling: tokens the worker has sampled (or will sample in a plan already
+    # sent) whose values have not arrived yet. They count as known tokens, so the next plan can
+    # schedule their decode before the value is back: the worker feeds its own sample forward.
+    num_pending_tokens: int = 0
+    # Step results older than this plan belong to an earlier life of the sequence (before a
+    # preemption) and are void.
+    registered_step: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -47,7 +57,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -61,6 +71,12 @@ class Request:
     def is_decoding(self) -> bool:
         """Prefill done: only the last sampled token is left to compute."""
         return self.num_computed_tokens > 0 and self.num_uncomputed_tokens == 1
+
+    @property
+    def can_generate_more(self) -> bool:
+        """False once the tokens already sampled reach max_tokens: scheduling another decode
+        would only make a token to throw away."""
+        return len(self.output_token_ids) + self.num_pending_tokens < self.max_tokens
 
     @property
     def max_num_tokens(self) -> int:

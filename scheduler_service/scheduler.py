@@ -56,7 +56,7 @@ class Scheduler:
         if request.seq_id in self.requests:
             raise ValueError(f"duplicate sequence id {request.seq_id}")
         self.requests[request.seq_id] = request
-        self.state.waiting.append(request)
+        self.state.enqueue(request)
 
     def abort(self, seq_id: int) -> bool:
         request = self.requests.get(seq_id)
@@ -82,11 +82,15 @@ class Scheduler:
             if not req.known_to_worker:
                 plan.new_sequences.append(NewSequence(
                     req.seq_id, req.all_token_ids, list(self.blocks.tables[req.seq_id]),
-                    req.sampling, req.num_prompt_tokens))
+                    req.sampling, req.num_prompt_tokens, req.num_computed_tokens))
                 req.known_to_worker = True
+                req.registered_step = plan.step_id
                 new_blocks = []  # the full table travelled with the sequence
             plan.schedule(req.seq_id, req.num_computed_tokens, chunk.num_tokens, new_blocks)
             req.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_blocks(req)  # its newly full blocks may now be shared
+            if req.num_computed_tokens == req.num_tokens:
+                req.num_pending_tokens += 1  # this chunk reaches the end: the worker samples
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         return plan
@@ -95,8 +99,10 @@ class Scheduler:
         updates = []
         for seq_id, token in zip(output.seq_ids, output.token_ids, strict=True):
             request = self.requests.get(seq_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted or preempted after the plan was sent: the token is void
+            if (request is None or request.status is not RequestStatus.RUNNING
+                    or output.step_id < request.registered_step):
+                continue  # finished, aborted or preempted after the plan was sent: void
+            request.num_pending_tokens -= 1
             request.output_token_ids.append(token)
             reason = request.check_stop()
             if reason is not None:

@@ -43,11 +43,12 @@ def test_max_tokens_ends_with_length(default_server):
 
 def test_stop_string_ends_generation_before_it(default_server):
     stub = default_server.stub()
-    _, full, _ = collect(stub.Generate(text_request("The alphabet: A, B, C,", max_tokens=30, ignore_eos=True)))
+    prompt = "The alphabet: A, B, C,"
+    _, full, _ = collect(stub.Generate(text_request(prompt, max_tokens=30, ignore_eos=True)))
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop.strip(), f"no usable stop string in {full!r}"
     _, text, finished = collect(stub.Generate(
-        text_request("The alphabet: A, B, C,", max_tokens=30, ignore_eos=True, stop=[stop])))
+        text_request(prompt, max_tokens=30, ignore_eos=True, stop=[stop])))
     assert text == full[:full.index(stop)]
     assert finished.reason == pb.FINISH_REASON_STOP
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -66,11 +67,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             # A new stream means a new scheduler: forget sequences from the previous one.
             self.runner.seqs.clear()
+            last_end: int | None = None
             for msg in request_iterator:
+                arrived = time.perf_counter_ns()
                 try:
                     out = self.runner.execute(BatchPlan.from_proto(msg))
                 except PlanError as e:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+                # The device waited from the end of the previous step until this plan came.
+                out.timings.idle_ns = 0 if last_end is None else arrived - last_end
+                last_end = time.perf_counter_ns()
                 yield out.to_proto()
         finally:
             self._stream_lock.release()

@@ -1,8 +1,11 @@
 """The policy interface and the state a policy works on.
 
 A policy is a pure decision over queue state and the block manager: no I/O, no proto, no tensor.
-It may allocate blocks and preempt (both through SchedulerState, which keeps queues and blocks
-consistent) and returns which requests run how many tokens this iteration.
+It may allocate blocks, admit and preempt (all through SchedulerState, which keeps queues and
+blocks consistent) and returns which requests run how many tokens this iteration.
+
+Queue order is priority order: waiting is sorted by priority, highest first, FIFO within a
+priority; a preempted request goes back ahead of its priority's queue (it arrived earlier).
 """
 
 from __future__ import annotations
@@ -12,17 +15,25 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scheduler_service.block_manager import BlockManager
+from scheduler_service.policies.cost_model import IterationCostModel
 from scheduler_service.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    token_budget: int = 512          # tokens per iteration (Sarathi's chunk size)
+    token_budget: int = 512          # tokens per iteration (Sarathi's chunk size; vLLM's
+                                     # max_num_batched_tokens for the whole-prompt policies)
     max_batch_size: int = 128        # sequences per iteration
+    # sarathi_dynamic: the iteration time to stay within, and the model that predicts it.
+    target_iteration_ms: float = 50.0
+    cost_model: IterationCostModel = field(default_factory=IterationCostModel)
+    min_chunk_size: int = 32         # sarathi_dynamic never shrinks a chunk below this
 
     def __post_init__(self) -> None:
         if self.token_budget < 1 or self.max_batch_size < 1:
             raise ValueError("token budget and max batch size must be at least 1")
+        if self.target_iteration_ms <= 0 or self.min_chunk_size < 1:
+            raise ValueError("the iteration target and the smallest chunk must be positive")
 
 
 @dataclass
@@ -36,13 +47,22 @@ class ScheduledChunk:
 class ScheduleOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    _scheduled: set[int] = field(default_factory=set, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
     def scheduled_ids(self) -> set[int]:
-        return {c.request.seq_id for c in self.chunks}
+        return self._scheduled
+
+    def is_preempted(self, request: Request) -> bool:
+        return any(r is request for r in self.preempted)
+
+
+def _victim_order(request: Request, index: int) -> tuple[int, int]:
+    """Who goes first when blocks run out: the lowest priority, then the newest admitted."""
+    return (request.priority, -index)
 
 
 @dataclass
@@ -53,35 +73,121 @@ class SchedulerState:
     waiting: deque[Request] = field(default_factory=deque)
     running: list[Request] = field(default_factory=list)
 
+    # --- queues -----------------------------------------------------------------------------
+    def enqueue(self, request: Request) -> None:
+        """A new arrival: behind every waiting request of its priority or higher."""
+        waiting = self.waiting
+        if not waiting or waiting[-1].priority >= request.priority:
+            waiting.append(request)
+            return
+        i = next(i for i, r in enumerate(waiting) if r.priority < request.priority)
+        waiting.insert(i, request)
+
+    def requeue(self, request: Request) -> None:
+        """A preempted request: ahead of every waiting request of its priority or lower."""
+        waiting = self.waiting
+        i = next((i for i, r in enumerate(waiting) if r.priority <= request.priority), len(waiting))
+        waiting.insert(i, request)
+
+    # --- moves ------------------------------------------------------------------------------
     def schedule_chunk(self, out: ScheduleOutput, request: Request, num_tokens: int) -> None:
         """Allocates blocks for num_tokens more tokens of request and adds the chunk to out."""
+        if request.seq_id in out._scheduled:
+            raise RuntimeError(f"sequence {request.seq_id} scheduled twice in one iteration")
         new = self.blocks.allocate(request.seq_id, request.num_computed_tokens + num_tokens)
         out.chunks.append(ScheduledChunk(request, num_tokens, new))
+        out._scheduled.add(request.seq_id)
 
-    def admit(self, request: Request) -> None:
+    def admit(self, request: Request, out: ScheduleOutput, max_tokens: int, *,
+              keep_free: int = 0, whole: bool = False) -> int:
+        """Moves waiting request to running with a first chunk, reusing its cached prefix.
+
+        The chunk is min(uncomputed tokens, max_tokens, what fits leaving keep_free blocks); with
+        whole, all its uncomputed tokens or nothing. When blocks fall short, lower-priority
+        running requests that are not scheduled this iteration are preempted (lowest, newest
+        first). Returns the chunk's tokens; 0 means not admitted, and nothing changed (but any
+        preemption that could not help is not done either)."""
+        blocks = self.blocks
+        cached = blocks.acquire_prefix(request)
+        request.num_computed_tokens = cached
+        uncomputed = request.num_uncomputed_tokens
+        want = uncomputed if whole else min(uncomputed, max_tokens)
+        if whole and uncomputed > max_tokens:
+            want = 0
+        n = self._fit(request, want, keep_free, whole, out) if want > 0 else 0
+        if n <= 0:
+            blocks.free(request.seq_id)  # give the cached prefix back
+            request.num_computed_tokens = 0
+            return 0
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        blocks.record_admission(cached, request.num_tokens)
+        self.schedule_chunk(out, request, n)
+        return n
+
+    def _fit(self, request: Request, want: int, keep_free: int, whole: bool,
+             out: ScheduleOutput) -> int:
+        """Tokens of want that request (holding its prefix) can allocate, after preempting
+        lower-priority requests if that lets more fit."""
+        blocks = self.blocks
+        base = request.num_computed_tokens
+        self.preempt_for(request, base + want, out, keep_free=keep_free, partial=not whole)
+        fits = blocks.max_tokens_allocatable(request.seq_id, keep_free) - base
+        return want if fits >= want else (0 if whole else max(0, fits))
+
+    def preempt_for(self, request: Request, num_tokens: int, out: ScheduleOutput, *,
+                    keep_free: int = 0, partial: bool = False) -> None:
+        """Preempts running requests of lower priority than request that are not scheduled
+        this iteration (lowest priority, then newest, first) until request's table could grow
+        to num_tokens leaving keep_free blocks. Unless partial (any room helps), nobody is
+        preempted when all of them together would not free enough."""
+        blocks = self.blocks
+
+        def short() -> bool:
+            return not blocks.can_allocate(request.seq_id, num_tokens, keep_free)
+
+        if not short():
+            return
+        scheduled = out.scheduled_ids()
+        victims = [(_victim_order(r, i), r) for i, r in enumerate(self.running)
+                   if r.priority < request.priority and r.seq_id not in scheduled]
+        if not victims:
+            return
+        if not partial:
+            reclaimable = sum(blocks.num_exclusive_blocks(r.seq_id) for _, r in victims)
+            missing = blocks.num_missing_blocks(request.seq_id, num_tokens)
+            if blocks.num_free_blocks - keep_free + reclaimable < missing:
+                return
+        for _, victim in sorted(victims, key=lambda v: v[0]):
+            self.preempt(victim, out)
+            if not short():
+                return
 
     def preempt(self, request: Request, out: ScheduleOutput) -> None:
         """Preemption by recompute: free the blocks, forget the KV, requeue at the front."""
         self.running.remove(request)
         self.blocks.free(request.seq_id)
         request.num_computed_tokens = 0
+        request.num_pending_tokens = 0  # its in-flight sample, if any, is void: recompute makes it
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.requeue(request)
         out.preempted.append(request)
 
     def make_room(self, request: Request, num_tokens: int, out: ScheduleOutput) -> bool:
-        """Preempts the newest unscheduled running requests until request can grow to hold
-        num_tokens; may preempt request itself. True if request can now allocate."""
+        """Preempts unscheduled running requests (lowest priority, then newest, first) until
+        request can grow to hold num_tokens; may preempt request itself. True if request can
+        now allocate."""
+        if self.blocks.can_allocate(request.seq_id, num_tokens):
+            return True
         scheduled = out.scheduled_ids()
         while not self.blocks.can_allocate(request.seq_id, num_tokens):
-            victims = [r for r in self.running if r.seq_id not in scheduled]
+            victims = [(_victim_order(r, i), r) for i, r in enumerate(self.running)
+                       if r.seq_id not in scheduled]
             if not victims:
                 return False
-            victim = victims[-1]
+            victim = min(victims, key=lambda v: v[0])[1]
             self.preempt(victim, out)
             if victim is request:
                 return False
