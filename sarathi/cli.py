@@ -120,21 +120,6 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
 
 
-def _cache_kwargs(cache) -> dict:
-    """The engine's block-manager settings. Until the engine takes a CacheConfig (field `cache`),
-    only the defaults can run; asking for others then fails here, loudly."""
-    import dataclasses
-
-    from scheduler_service.block_manager import CacheConfig
-    from scheduler_service.engine import EngineConfig
-
-    if "cache" in {f.name for f in dataclasses.fields(EngineConfig)}:
-        return {"cache": cache}
-    if cache != CacheConfig():
-        raise SystemExit("--watermark and --prefix-caching need an engine that takes a CacheConfig")
-    return {}
-
-
 def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None) -> None:
     from sarathi.model_spec import resolve
     from scheduler_service.block_manager import CacheConfig
@@ -150,7 +135,7 @@ def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None
                                    max_batch_size=min(args.max_batch_size, args.chunk_size),
                                    target_iteration_ms=args.target_iteration_ms,
                                    min_chunk_size=args.min_chunk_size),
-        **_cache_kwargs(CacheConfig(watermark=args.watermark, prefix_caching=args.prefix_caching)),
+        cache=CacheConfig(watermark=args.watermark, prefix_caching=args.prefix_caching),
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         memory_fraction=args.memory_fraction, overlap=args.overlap)
     try:

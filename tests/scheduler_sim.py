@@ -4,27 +4,32 @@ gets a token, as a worker would. Policies decide only from counts, so this exerc
 from __future__ import annotations
 
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput
-from scheduler_service.block_manager import BlockManager
+from scheduler_service.block_manager import CacheConfig, make_block_manager
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
 from scheduler_service.scheduler import RequestUpdate, Scheduler
 
 
 def make_scheduler(policy: str = "sarathi", num_blocks: int = 1000, block_size: int = 16,
-                   token_budget: int = 64, max_batch_size: int = 32) -> Scheduler:
-    config = PolicyConfig(token_budget=token_budget, max_batch_size=max_batch_size)
-    return Scheduler(make_policy(policy, config), BlockManager(num_blocks, block_size))
+                   token_budget: int = 64, max_batch_size: int = 32, *, watermark: float = 0.01,
+                   prefix_caching: bool = False, **policy_knobs) -> Scheduler:
+    config = PolicyConfig(token_budget=token_budget, max_batch_size=max_batch_size, **policy_knobs)
+    blocks = make_block_manager(num_blocks, block_size, CacheConfig(watermark, prefix_caching))
+    return Scheduler(make_policy(policy, config), blocks)
 
 
-def make_request(seq_id: int, prompt_len: int, max_tokens: int, **kw) -> Request:
-    return Request(seq_id=seq_id, prompt_token_ids=[7] * prompt_len, sampling=SamplingOptions(),
+def make_request(seq_id: int, prompt_len: int, max_tokens: int, *,
+                 prompt: list[int] | None = None, **kw) -> Request:
+    tokens = list(prompt) if prompt is not None else [7] * prompt_len
+    return Request(seq_id=seq_id, prompt_token_ids=tokens, sampling=SamplingOptions(),
                    max_tokens=max_tokens, **kw)
 
 
 def simulated_output(scheduler: Scheduler, plan: BatchPlan, token: int = 3) -> StepOutput:
+    # A sequence whose computed tokens reach the end of its known tokens gets a sample.
     done = [s for s in plan.seq_ids
-            if s in scheduler.requests
-            and scheduler.requests[s].num_computed_tokens == scheduler.requests[s].num_tokens]
+            if s in scheduler.requests and scheduler.requests[s].num_computed_tokens
+            >= scheduler.requests[s].num_prompt_tokens + len(scheduler.requests[s].output_token_ids)]
     return StepOutput(plan.step_id, done, [token] * len(done))
 
 
