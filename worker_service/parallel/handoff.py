@@ -36,6 +36,7 @@ STARTUP_TIMEOUT_S = 900.0      # a peer never heard from (loading weights) withi
 PLAN, INIT, RESET, STOP = b"plan", b"init", b"reset", b"stop"   # control, rank 0 -> all
 HIDDEN = b"hidden"                                              # stage s -> stage s + 1
 RESULT, ERROR = b"result", b"error"                             # -> rank 0
+STATS_REQUEST, STATS_REPLY = b"stats?", b"stats"                # traffic counters, for benchmarks
 HEARTBEAT = b"hb"
 
 
@@ -47,9 +48,11 @@ class HandoffStats:
     bytes: int = 0
     send_ns: int = 0          # serialising and queueing sends
     wait_ns: int = 0          # blocked waiting for a hidden state or a result
+    transit_ns: int = 0       # hidden states: sent until our receiver thread had them (one host)
+    unpack_ns: int = 0        # hidden states: bytes back into tensors
 
     def reset(self) -> None:
-        self.messages = self.bytes = self.send_ns = self.wait_ns = 0
+        self.messages = self.bytes = self.send_ns = self.wait_ns = self.transit_ns = self.unpack_ns = 0
 
 
 STATS = HandoffStats()
@@ -94,6 +97,7 @@ class Mailbox:
         self._pull.bind(_bind_address(layout.addresses[rank]))
         self._started = time.monotonic()
         self.last_heard: dict[int, float] = {}
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"mailbox-{rank}", daemon=True)
         self._thread.start()
 
@@ -120,7 +124,7 @@ class Mailbox:
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
         next_beat = 0.0
-        while True:
+        while not self._closing.is_set():
             now = time.monotonic()
             if now >= next_beat:
                 for s in beats.values():
@@ -137,6 +141,14 @@ class Mailbox:
                     except zmq.Again:
                         break
                     self._route(msg)
+        for s in beats.values():
+            s.close()
+        self._pull.close(linger=0)
+
+    def close(self) -> None:
+        """Stops listening and watching peers (a replica shutting down in order)."""
+        self._closing.set()
+        self._thread.join(5)
 
     def _route(self, msg: list) -> None:
         kind, sender = msg[0].bytes, int(msg[1].bytes)
@@ -144,8 +156,8 @@ class Mailbox:
         if kind == HEARTBEAT:
             return
         if kind == HIDDEN:
-            self.hidden.put(msg[2:])
-        elif kind in (RESULT, ERROR):
+            self.hidden.put([time.monotonic_ns(), *msg[2:]])
+        elif kind in (RESULT, ERROR, STATS_REPLY):
             self.results.put([kind] + [f.bytes for f in msg[2:]])
         else:
             self.control.put([kind] + [f.bytes for f in msg[2:]])
@@ -198,15 +210,21 @@ class Outbox:
         # Every TP rank of a stage holds the same (all-reduced) hidden states, so each feeds its
         # counterpart in the next stage: no broadcast needed there.
         peer = self.layout.rank_of(stage + 1, tp_rank)
-        self.send(peer, HIDDEN, str(step_id).encode(), *tensor_frames(x), *tensor_frames(residual))
+        # The send time rides along so that the receiver can measure transit (same host only:
+        # the monotonic clock is shared by processes of one machine, not across machines).
+        self.send(peer, HIDDEN, str(step_id).encode(), str(time.monotonic_ns()).encode(),
+                  *tensor_frames(x), *tensor_frames(residual))
 
     def recv_hidden(self, step_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         start = time.perf_counter_ns()
-        frames = self.mailbox.hidden.get()
-        STATS.wait_ns += time.perf_counter_ns() - start
+        arrived, *frames = self.mailbox.hidden.get()
+        unpack_start = time.perf_counter_ns()
+        STATS.wait_ns += unpack_start - start
         got = int(frames[0].bytes)
         if got != step_id:
             raise RuntimeError(f"rank {self.rank}: hidden states of step {got} arrived for step {step_id}")
-        x = frames_tensor(frames[1].bytes, frames[2].buffer, device)
-        residual = frames_tensor(frames[3].bytes, frames[4].buffer, device)
+        STATS.transit_ns += arrived - int(frames[1].bytes)
+        x = frames_tensor(frames[2].bytes, frames[3].buffer, device)
+        residual = frames_tensor(frames[4].bytes, frames[5].buffer, device)
+        STATS.unpack_ns += time.perf_counter_ns() - unpack_start
         return x, residual

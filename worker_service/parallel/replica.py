@@ -11,6 +11,7 @@ Per iteration (one plan):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,6 +31,8 @@ from worker_service.parallel.handoff import (
     RESET,
     RESULT,
     STATS,
+    STATS_REPLY,
+    STATS_REQUEST,
     STOP,
     Mailbox,
     Outbox,
@@ -100,6 +103,9 @@ def follow(r: Rank) -> None:
             runner.seqs.clear()
         elif kind == INIT:
             runner.init_cache(int(frames[0]), int(frames[1]))
+        elif kind == STATS_REQUEST:
+            r.outbox.send(0, STATS_REPLY, json.dumps(dict(comm_stats(), rank=r.rank)).encode())
+            reset_comm_stats()
         elif kind == PLAN:
             for result in frames[1:]:
                 runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
@@ -149,7 +155,9 @@ class ReplicaDriver:
             self.r.mailbox.results.get()
 
     def stop(self) -> None:
+        """Tells every rank to exit, and stops watching them go."""
         self.r.outbox.broadcast(STOP)
+        self.r.mailbox.close()
 
     def execute(self, plan_bytes: bytes) -> bytes:
         """Plan bytes in, StepResult bytes out."""
@@ -163,6 +171,18 @@ class ReplicaDriver:
         self._sampled.append(result)   # rank 0's own stage learns the tokens now, the others later
         self.runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
         return result
+
+    def gather_stats(self) -> list[dict[str, int]]:
+        """Every rank's traffic counters since the last call, in rank order; resets them."""
+        stats = {0: comm_stats()}
+        self.r.outbox.broadcast(STATS_REQUEST)
+        reset_comm_stats()
+        while len(stats) < self.layout.world_size:
+            kind, *frames = self.r.mailbox.results.get()
+            if kind == STATS_REPLY:
+                reply = json.loads(frames[0])
+                stats[reply.pop("rank")] = reply
+        return [stats[k] for k in range(self.layout.world_size)]
 
     def _wait_result(self, step_id: int) -> bytes:
         start = time.perf_counter_ns()
@@ -178,9 +198,17 @@ class ReplicaDriver:
                 return frames[0]
 
 
+def close_rank(r: Rank) -> None:
+    """Leaves the replica in order (tests and benchmarks build several in one process)."""
+    r.mailbox.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def comm_stats() -> dict[str, int]:
     return dict(zmq_messages=STATS.messages, zmq_bytes=STATS.bytes, zmq_send_ns=STATS.send_ns,
-                zmq_wait_ns=STATS.wait_ns, collective_calls=COMM.calls, collective_bytes=COMM.bytes,
+                zmq_wait_ns=STATS.wait_ns, hidden_transit_ns=STATS.transit_ns,
+                hidden_unpack_ns=STATS.unpack_ns, collective_calls=COMM.calls, collective_bytes=COMM.bytes,
                 collective_ns=COMM.ns)
 
 

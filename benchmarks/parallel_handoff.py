@@ -1,0 +1,198 @@
+"""What a replica's handoff costs per iteration on the CPU: TP=2 and PP=2 against TP=1.
+
+Runs a replica's ranks as processes on this machine (gloo for TP collectives, ZeroMQ for plans
+and hidden states), drives rank 0 in this process with hand-made plans (no scheduler, no gRPC),
+and prints, per iteration kind (a prefill chunk; a batch of decodes):
+  - wall time per iteration, and its ratio to TP=1
+  - ZeroMQ: messages and bytes sent by all ranks (plan bytes to every rank, hidden states and
+    residual stage to stage, results back to rank 0), and the time rank 0 spends sending and
+    waiting
+  - collectives: calls and bytes each TP rank contributes (all_reduce of o_proj / down_proj /
+    embedding, all_gather of logits), and time in them on rank 0
+
+  .venv/bin/python -m benchmarks.parallel_handoff [--layers 8 --hidden 1024 ...]
+
+Each rank runs one torch thread, so TP=2 and PP=2 use two cores where TP=1 uses one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
+from sarathi.cli import free_port
+from sarathi.model_spec import resolve
+from worker_service.attention import make_backend
+from worker_service.models.loader import load_model
+from worker_service.parallel.layout import ReplicaLayout
+from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, exit_now, follow
+
+BLOCK = 16
+
+
+def _loader(config_path: str):
+    def load():
+        return load_model(resolve(f"dummy:{config_path}"), make_backend("torch", torch.device("cpu")),
+                          torch.device("cpu"), torch.float32, seed=0)
+    return load
+
+
+def _follower(layout: ReplicaLayout, rank: int, config_path: str) -> None:
+    torch.set_num_threads(1)
+    r = build_rank(layout, rank, _loader(config_path), torch.device("cpu"), torch.float32)
+    r.mailbox.wait_for_peers(120)
+    follow(r)
+    exit_now(0)   # skip gloo's teardown, which may wait on ranks that are already gone
+
+
+class PlanMaker:
+    """Hand-made plans: what the scheduler would send for a given shape of iteration."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.next_seq = 0
+        self.next_block = 0
+        self.seqs: dict[int, list[int]] = {}   # seq -> [known tokens, computed, blocks]
+
+    def _blocks(self, seq: int, upto: int) -> list[int]:
+        state = self.seqs[seq]
+        need = -(-upto // BLOCK) - state[2]
+        new = list(range(self.next_block, self.next_block + need))
+        self.next_block += need
+        state[2] += need
+        return new
+
+    def new_sequences(self, n: int, prompt_len: int) -> BatchPlan:
+        """Registers n sequences and prefills their whole prompts in one plan."""
+        plan = BatchPlan(self.step)
+        for _ in range(n):
+            seq = self.next_seq
+            self.next_seq += 1
+            self.seqs[seq] = [prompt_len, 0, 0]
+            plan.new_sequences.append(NewSequence(seq, [(7 * seq + i) % 500 + 1 for i in range(prompt_len)],
+                                                  [], SamplingOptions(), prompt_len))
+            plan.new_sequences[-1].block_table = self._blocks(seq, prompt_len)
+            plan.schedule(seq, 0, prompt_len, [])
+            self.seqs[seq][0] += 1   # the sampled token
+            self.seqs[seq][1] = prompt_len
+        self.step += 1
+        return plan
+
+    def decode(self, seqs: list[int]) -> BatchPlan:
+        plan = BatchPlan(self.step)
+        for seq in seqs:
+            known, computed, _ = self.seqs[seq]
+            plan.schedule(seq, computed, 1, self._blocks(seq, computed + 1))
+            self.seqs[seq][0] += 1
+            self.seqs[seq][1] = computed + 1
+        self.step += 1
+        return plan
+
+
+def measure(tp: int, pp: int, config_path: str, chunk: int, decode_batch: int, iters: int) -> dict:
+    world = tp * pp
+    layout = ReplicaLayout(tp, pp, tuple(f"127.0.0.1:{free_port()}" for _ in range(world)),
+                           f"127.0.0.1:{free_port()}")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_follower, args=(layout, k, config_path), daemon=True)
+             for k in range(1, world)]
+    for p in procs:
+        p.start()
+    torch.set_num_threads(1)
+    r = build_rank(layout, 0, _loader(config_path), torch.device("cpu"), torch.float32)
+    r.mailbox.wait_for_peers(120)
+    driver = ReplicaDriver(r)
+    driver.init_cache(4096, BLOCK)
+    driver.reset()
+    maker = PlanMaker()
+    out: dict = {}
+    try:
+        for kind in ("prefill", "decode"):
+            if kind == "prefill":   # each iteration: a new sequence's whole prompt, one chunk
+                plans = [maker.new_sequences(1, chunk) for _ in range(iters + 1)]
+            else:                   # each iteration: one token for each of decode_batch sequences
+                driver.execute(maker.new_sequences(decode_batch, 8).to_proto().SerializeToString())
+                seqs = list(range(maker.next_seq - decode_batch, maker.next_seq))
+                plans = [maker.decode(seqs) for _ in range(iters + 1)]
+            plan_bytes = [p.to_proto().SerializeToString() for p in plans]
+            driver.execute(plan_bytes[0])   # warm-up, unmeasured
+            driver.gather_stats()
+            times = []
+            for b in plan_bytes[1:]:
+                t = time.perf_counter()
+                driver.execute(b)
+                times.append(time.perf_counter() - t)
+            stats = driver.gather_stats()
+            out[kind] = dict(ms=statistics.median(times) * 1e3, plan_bytes=len(plan_bytes[-1]),
+                             stats=[{k: v / iters for k, v in s.items()} for s in stats])
+    finally:
+        driver.stop()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        close_rank(r)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--chunk", type=int, default=256, help="tokens of the prefill chunk")
+    ap.add_argument("--decode-batch", type=int, default=32, help="sequences per decode iteration")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    config = dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
+                  intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, rms_norm_eps=1e-5,
+                  max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False,
+                  eos_token_id=0)
+    path = Path(tempfile.mkdtemp()) / "config.json"
+    path.write_text(json.dumps(config))
+    print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV, "
+          f"vocab {args.vocab}, float32; prefill chunk {args.chunk} tokens, decode batch "
+          f"{args.decode_batch}; median of {args.iters} iterations; one torch thread per rank")
+    results = {name: measure(tp, pp, str(path), args.chunk, args.decode_batch, args.iters)
+               for name, tp, pp in (("TP=1", 1, 1), ("TP=2", 2, 1), ("PP=2", 1, 2))}
+    base = results["TP=1"]
+    header = (f"{'layout':6} {'iteration':9} {'ms/iter':>8} {'vs TP=1':>7} {'plan B':>6} {'zmq msgs':>8} "
+              f"{'zmq KB':>8} {'send ms':>7} {'transit ms':>10} {'unpack ms':>9} {'coll calls':>10} "
+              f"{'coll KB':>8} {'coll ms':>8}")
+    print(header)
+    print("-" * len(header))
+    for name, res in results.items():
+        for kind in ("prefill", "decode"):
+            m = res[kind]
+
+            def total(key: str, m=m) -> float:
+                return sum(x[key] for x in m["stats"])
+
+            r0 = m["stats"][0]
+            print(f"{name:6} {kind:9} {m['ms']:8.2f} {m['ms'] / base[kind]['ms']:6.2f}x {m['plan_bytes']:6d} "
+                  f"{total('zmq_messages'):8.1f} {total('zmq_bytes') / 1e3:8.1f} "
+                  f"{total('zmq_send_ns') / 1e6:7.3f} {total('hidden_transit_ns') / 1e6:10.3f} "
+                  f"{total('hidden_unpack_ns') / 1e6:9.3f} {r0['collective_calls']:10.1f} "
+                  f"{r0['collective_bytes'] / 1e3:8.1f} {r0['collective_ns'] / 1e6:8.3f}")
+    print("""per iteration. zmq: messages, bytes and send time (serialise + queue) of all ranks together:
+plan bytes to every other rank, hidden states + residual stage to stage, the result to rank 0.
+transit: hidden states from send until the receiver's mailbox thread had them; unpack: bytes to
+tensors. coll: all_reduce (o_proj, down_proj per layer; embedding) and all_gather (logits) as
+one TP rank sees them: calls, bytes it contributes, time inside (including waiting for the
+slower rank).""")
+
+
+if __name__ == "__main__":
+    main()

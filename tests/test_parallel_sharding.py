@@ -1,0 +1,89 @@
+"""The tensor-parallel transform on its own: which heads each rank keeps, and a replica driven
+directly (no scheduler) with KV heads replicated over more ranks than there are KV heads."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from benchmarks.parallel_handoff import PlanMaker
+from protos import worker_pb2
+from sarathi.cli import free_port
+from sarathi.model_spec import resolve
+from worker_service.attention import make_backend
+from worker_service.models.loader import load_model
+from worker_service.parallel.layout import ReplicaLayout, split_layers
+from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, exit_now, follow
+from worker_service.parallel.tensor_parallel import HeadShard, head_shard
+from worker_service.runner import ModelRunner
+
+CPU = torch.device("cpu")
+
+
+def test_heads_split_evenly_and_kv_heads_follow_their_q_heads():
+    # SmolLM2: 9 q heads, 3 KV heads over 3 ranks.
+    assert [head_shard(9, 3, r, 3) for r in range(3)] == [HeadShard(0, 3, 0, 1), HeadShard(3, 3, 1, 1),
+                                                           HeadShard(6, 3, 2, 1)]
+    # 4 q heads, 2 KV heads over 4 ranks: each KV head lives on the two ranks of its q heads.
+    assert [head_shard(4, 2, r, 4).kv_lo for r in range(4)] == [0, 0, 1, 1]
+    with pytest.raises(ValueError):
+        head_shard(9, 3, 0, 2)
+
+
+def test_layers_split_into_contiguous_stages():
+    assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
+
+
+def _load():
+    return load_model(resolve("dummy:tiny"), make_backend("torch", CPU), CPU, torch.float32, seed=3)
+
+
+def _follower(layout: ReplicaLayout, rank: int) -> None:
+    torch.set_num_threads(1)
+    r = build_rank(layout, rank, _load, CPU, torch.float32)
+    r.mailbox.wait_for_peers(120)
+    follow(r)
+    exit_now(0)   # skip gloo's teardown, which may wait on ranks that are already gone
+
+
+def _plans() -> list:
+    maker = PlanMaker()
+    plans = [maker.new_sequences(1, n) for n in (5, 17, 40, 64)]
+    plans += [maker.decode(list(range(4))) for _ in range(12)]
+    return plans
+
+
+@pytest.mark.parametrize("tp,pp", [(4, 1), (2, 2)], ids=["tp4-kv-replicated", "tp2xpp2"])
+def test_replica_samples_the_tokens_of_one_runner(tp, pp):
+    plans = _plans()
+    single = ModelRunner(_load(), CPU, torch.float32)
+    single.init_cache(64, 16)
+    expected = [single.execute(p).token_ids for p in plans]
+
+    world = tp * pp
+    layout = ReplicaLayout(tp, pp, tuple(f"127.0.0.1:{free_port()}" for _ in range(world)),
+                           f"127.0.0.1:{free_port()}")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_follower, args=(layout, k), daemon=True) for k in range(1, world)]
+    for p in procs:
+        p.start()
+    r = build_rank(layout, 0, _load, CPU, torch.float32)
+    try:
+        r.mailbox.wait_for_peers(120)
+        driver = ReplicaDriver(r)
+        driver.init_cache(64, 16)
+        driver.reset()
+        results = [driver.execute(p.to_proto().SerializeToString()) for p in plans]
+        got = [list(worker_pb2.StepResult.FromString(b).token_ids) for b in results]
+        assert got == expected
+        driver.stop()
+        for p in procs:
+            p.join(20)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        close_rank(r)
