@@ -42,6 +42,7 @@ from scheduler_service.scheduler import RequestUpdate
 
 log = logging.getLogger("sarathi.frontend")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+OPERATOR_SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Operator"].full_name
 DEFAULT_MAX_TOKENS = 16
 
 _FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
@@ -282,6 +283,26 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return max_tokens, options, frozenset(stop_ids)
 
 
+class OperatorService(generation_pb2_grpc.OperatorServicer):
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+
+    async def GetTrace(self, request, context):
+        if self.engine.ready is None or self.engine.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
+        records = (await self.engine.trace()).records
+        if request.limit:
+            records = records[-request.limit:]
+        return generation_pb2.GetTraceResponse(iterations=[generation_pb2.IterationTrace(
+            step_id=r.step_id, start_s=r.start, schedule_s=r.schedule_s, duration_s=r.duration_s,
+            round_trip_s=r.round_trip_s, num_prefill_tokens=r.num_prefill_tokens,
+            num_decode_tokens=r.num_decode_tokens, num_preempted=r.num_preempted,
+            kv_blocks_used=r.kv_blocks_used, num_waiting=r.num_waiting,
+            worker_prepare_ns=r.worker_prepare_ns, worker_forward_ns=r.worker_forward_ns,
+            worker_sample_ns=r.worker_sample_ns, worker_idle_ns=r.worker_idle_ns,
+            decode_seq_ids=r.decode_seq_ids, prefill_seq_ids=r.prefill_seq_ids) for r in records])
+
+
 async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, model_name: str,
                          max_queue: int = 4096, metrics_port: int | None = None) -> None:
     """Runs the gRPC API until cancelled; the engine process lives as long as this coroutine."""
@@ -292,10 +313,11 @@ async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, m
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     service = GenerationService(engine, tokenizer, model_name, max_queue)
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    generation_pb2_grpc.add_OperatorServicer_to_server(OperatorService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, OPERATOR_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

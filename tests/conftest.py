@@ -30,6 +30,9 @@ class RunningServer:
     def stub(self) -> generation_pb2_grpc.GenerationStub:
         return generation_pb2_grpc.GenerationStub(grpc.insecure_channel(self.address))
 
+    def operator(self) -> generation_pb2_grpc.OperatorStub:
+        return generation_pb2_grpc.OperatorStub(grpc.insecure_channel(self.address))
+
     def metrics(self) -> dict[str, float]:
         """The server's Prometheus gauges and counters, by sample name (no labels)."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
