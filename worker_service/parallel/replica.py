@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -123,9 +125,21 @@ def follow(r: Rank) -> None:
 
 
 # --- rank 0 ---------------------------------------------------------------------------------
+@dataclass
+class _Flight:
+    step_id: int
+    seq_ids: set[int]
+
+
 class ReplicaDriver:
     """Rank 0: what the gRPC Worker service drives. Looks like a ModelRunner to the service
-    (config, device, dtype, bytes_per_block, init_cache), but executes plan *bytes*."""
+    (config, device, dtype, bytes_per_block, init_cache), but runs plan *bytes*, split in two
+    halves so that a pipeline can hold several micro-batches: dispatch() sends a plan into the
+    replica and runs rank 0's own part; collect() waits for its sampled tokens. Up to pp_size
+    plans are in flight at once, as long as no sequence is in two of them (its next chunk needs
+    the token or KV entries of the previous one); a plan that would break this waits in
+    dispatch() until the earlier micro-batch is collected. Call dispatch from one thread and
+    collect from one (possibly other) thread, each in plan order."""
 
     def __init__(self, r: Rank) -> None:
         self.r = r
@@ -133,7 +147,12 @@ class ReplicaDriver:
         self.config = r.full_config
         self.runner = r.runner
         self.device, self.dtype = r.runner.device, r.runner.dtype
+        self.depth = self.layout.pp_size
+        self.max_in_flight = 0              # the most micro-batches ever in flight (tests, traces)
+        self._cond = threading.Condition()
+        self._in_flight: deque[_Flight] = deque()        # guarded by _cond
         self._sampled: list[bytes] = []    # results not yet forwarded to the earlier stages
+        self._local: dict[int, bytes] = {}  # pp_size 1: rank 0 sampled the tokens itself
 
     def bytes_per_block(self, block_size: int) -> int:
         """The largest per-rank need: the scheduler's block count must fit on every rank."""
@@ -150,7 +169,11 @@ class ReplicaDriver:
         """A new scheduler stream: every rank forgets its sequences."""
         self.r.outbox.broadcast(RESET)
         self.runner.seqs.clear()
-        self._sampled.clear()
+        with self._cond:
+            self._sampled.clear()
+            self._in_flight.clear()
+            self._local.clear()
+            self._cond.notify_all()
         while not self.r.mailbox.results.empty():   # leftovers of a broken stream
             self.r.mailbox.results.get()
 
@@ -160,16 +183,36 @@ class ReplicaDriver:
         self.r.mailbox.close()
 
     def execute(self, plan_bytes: bytes) -> bytes:
-        """Plan bytes in, StepResult bytes out."""
-        self.r.outbox.broadcast(PLAN, plan_bytes, *self._sampled)
-        self._sampled.clear()
-        plan = BatchPlan.from_proto(worker_pb2.BatchPlan.FromString(plan_bytes))
-        out = self.runner.execute(plan)
+        """Plan bytes in, StepResult bytes out (one micro-batch at a time)."""
+        return self.collect(self.dispatch(plan_bytes))
+
+    def dispatch(self, plan_bytes: bytes) -> int:
+        """Sends the plan to every rank and runs rank 0's part of it; returns its step id."""
+        msg = worker_pb2.BatchPlan.FromString(plan_bytes)
+        touched = set(msg.seq_ids) | set(msg.dropped_seq_ids)
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._in_flight) < self.depth and
+                                not any(f.seq_ids & touched for f in self._in_flight))
+            sampled, self._sampled = self._sampled, []
+            self._in_flight.append(_Flight(msg.step_id, set(msg.seq_ids)))
+            self.max_in_flight = max(self.max_in_flight, len(self._in_flight))
+        self.r.outbox.broadcast(PLAN, plan_bytes, *sampled)
+        for result in sampled:   # rank 0's stage learns them when the others do
+            self.runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
+        out = self.runner.execute(BatchPlan.from_proto(msg))
         if self.layout.pp_size == 1:
-            return out.to_proto().SerializeToString()
-        result = self._wait_result(plan.step_id)
-        self._sampled.append(result)   # rank 0's own stage learns the tokens now, the others later
-        self.runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
+            self._local[msg.step_id] = out.to_proto().SerializeToString()
+        return msg.step_id
+
+    def collect(self, step_id: int) -> bytes:
+        """The StepResult bytes of a dispatched plan (the oldest one not yet collected)."""
+        result = self._local.pop(step_id) if self.layout.pp_size == 1 else self._wait_result(step_id)
+        with self._cond:
+            flight = self._in_flight.popleft()
+            assert flight.step_id == step_id, f"collected step {step_id}, oldest is {flight.step_id}"
+            if self.layout.pp_size > 1:
+                self._sampled.append(result)
+            self._cond.notify_all()
         return result
 
     def gather_stats(self) -> list[dict[str, int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import signal
 import threading
 import time
@@ -37,20 +38,44 @@ class ReplicaWorkerService(WorkerService):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler holds the step stream")
         try:
             self.driver.reset()
-            for plan_bytes in request_iterator:
-                try:
-                    result = self.driver.execute(plan_bytes)
-                except PlanError as e:
-                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-                except Exception as e:  # noqa: BLE001 - a collective or handoff broke
-                    # The ranks are out of step now: nothing this replica computes can be
-                    # trusted. Tell the scheduler, then end the process (peers follow).
-                    log.exception("replica step failed")
+            # A feeder thread dispatches plans as they arrive (the scheduler may send the next
+            # before it reads a result); this generator collects results in order. With PP
+            # stages, plan N+1 then enters stage 0 while stage 1 still runs plan N.
+            dispatched: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
+            threading.Thread(target=self._feed, args=(request_iterator, dispatched), daemon=True,
+                             name="replica-dispatch").start()
+            while (item := dispatched.get()) is not None:
+                if isinstance(item, int):
+                    try:
+                        item = self.driver.collect(item)
+                    except BaseException as e:  # noqa: BLE001 - reported below
+                        item = e
+                if isinstance(item, PlanError):
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(item))
+                if isinstance(item, BaseException):
+                    # A collective or handoff broke: the ranks are out of step, nothing this
+                    # replica computes can be trusted. Tell the scheduler, then end the process
+                    # (the other ranks follow when its heartbeats stop).
+                    log.error("replica step failed: %r", item)
                     threading.Timer(0.5, exit_now, args=(4,)).start()
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {e!r}")
-                yield result
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed: {item!r}")
+                yield item
         finally:
             self._stream_lock.release()
+
+    def _feed(self, request_iterator: Iterator[bytes], dispatched: queue.SimpleQueue) -> None:
+        plans = iter(request_iterator)
+        while True:
+            try:
+                plan_bytes = next(plans)
+            except (StopIteration, grpc.RpcError):   # the scheduler closed or cancelled the stream
+                break
+            try:
+                dispatched.put(self.driver.dispatch(plan_bytes))
+            except BaseException as e:  # noqa: BLE001 - handed to the stream's thread
+                dispatched.put(e)
+                return
+        dispatched.put(None)
 
 
 def _handlers(svc: ReplicaWorkerService) -> grpc.GenericRpcHandler:
