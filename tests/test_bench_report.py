@@ -93,3 +93,10 @@ def test_a_sampled_server_timeline_adds_a_timeline_plot_and_run_totals(tmp_path)
     document = json.loads(files.json.read_text())
     assert document["server_metrics"]["run_totals"]["iterations"] == 4
     assert document["server_metrics"]["timeline"]["sarathi_requests_running"] == [1.0, 1.0]
+
+
+def test_labels_become_portable_file_names():
+    from benchmarks.serving.report import file_stem
+
+    assert file_stem("sarathi:128") == "sarathi_128"
+    assert file_stem("vllm @ 1.5 req/s") == "vllm_1.5_req_s"

@@ -26,13 +26,16 @@ from benchmarks.serving.capacity_report import capacity_table, write_capacity_re
 from benchmarks.serving.client import ClientOptions
 from benchmarks.serving.metrics import Distribution, RunSummary
 from benchmarks.serving.report import plot_cdfs, write_run_report
-from benchmarks.serving.server_metrics import MetricsTimeline
+from benchmarks.serving.server_metrics import MetricsTimeline, wait_until_idle
 from benchmarks.serving.server_process import LocalServer, ServerLaunch, ServerStartError
 from benchmarks.serving.slo import EarlyFailRule, Slo
 from benchmarks.serving.workload import ARRIVAL_KINDS, LENGTH_KINDS, WorkloadConfig, build_workload, with_rate
 
 AUTO_INITIAL_FRACTION = 0.5
 AUTO_MIN_FRACTION = 1 / 8
+# Between probes: the server must have dropped the previous probe's cancelled requests.
+IDLE_TIMEOUT_S = 60.0
+SETTLE_WITHOUT_METRICS_S = 2.0
 
 
 def token_range(text: str) -> tuple[int, int]:
@@ -451,6 +454,10 @@ async def _search_policy(
     async def probe(rate: float) -> Probe:
         specs = build_workload(with_rate(config, rate))
         rule = EarlyFailRule(slo, [s.num_output_tokens for s in specs])
+        if endpoint.metrics_url is None:
+            await asyncio.sleep(SETTLE_WITHOUT_METRICS_S)
+        elif not await wait_until_idle(endpoint.metrics_url, IDLE_TIMEOUT_S):
+            console.print(f"  [yellow]the server still holds requests after {IDLE_TIMEOUT_S:.0f} s[/]")
         label = f"{policy} @ {rate:.3g} req/s"
         run = await run_bench(
             endpoint.address, specs, label, options, rule, console, not args.no_progress, endpoint.metrics_url

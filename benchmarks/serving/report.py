@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ class RunFiles:
 
     def paths(self) -> list[Path]:
         return [p for p in (self.json, self.csv, self.ttft_cdf, self.tbt_cdf, self.timeline) if p is not None]
+
+
+def file_stem(label: str) -> str:
+    """A label as a portable file name: `sarathi:128` -> `sarathi_128`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -98,12 +104,13 @@ def write_run_report(
     """`metadata`: whatever makes the run reproducible (workload config, server, command)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     has_timeline = server_metrics is not None and len(server_metrics.samples) >= 2
+    stem = file_stem(label)
     files = RunFiles(
-        json=out_dir / f"{label}.json",
-        csv=out_dir / f"{label}_requests.csv",
-        ttft_cdf=out_dir / f"{label}_ttft_cdf.png",
-        tbt_cdf=out_dir / f"{label}_tbt_cdf.png",
-        timeline=out_dir / f"{label}_timeline.png" if has_timeline else None,
+        json=out_dir / f"{stem}.json",
+        csv=out_dir / f"{stem}_requests.csv",
+        ttft_cdf=out_dir / f"{stem}_ttft_cdf.png",
+        tbt_cdf=out_dir / f"{stem}_tbt_cdf.png",
+        timeline=out_dir / f"{stem}_timeline.png" if has_timeline else None,
     )
     document = {
         "label": label,

@@ -75,6 +75,26 @@ class MetricsTimeline:
         return totals
 
 
+def is_idle(sample: dict[str, float]) -> bool:
+    return (
+        sample.get("sarathi_requests_running", 0.0) == 0 and sample.get("sarathi_requests_waiting", 0.0) == 0
+    )
+
+
+async def wait_until_idle(url: str, timeout_s: float) -> bool:
+    """Waits until the scheduler holds no request. Requests cancelled by an early stop take a
+    moment to leave the server; a probe started before would inherit their load."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        try:
+            if is_idle(await asyncio.to_thread(scrape, url)):
+                return True
+        except OSError:
+            pass
+        await asyncio.sleep(SAMPLE_INTERVAL_S / 2)
+    return False
+
+
 async def sample_metrics(url: str, stop: asyncio.Event) -> MetricsTimeline:
     """Scrapes `url` every SAMPLE_INTERVAL_S until `stop` is set, then once more."""
     timeline = MetricsTimeline(url)
