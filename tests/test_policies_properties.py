@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scheduler_sim import make_request, make_scheduler, step
+from scheduler_sim import make_request, make_scheduler, simulated_output, step
 
 from scheduler_service.policies import POLICIES
 from scheduler_service.prefix_caching import PrefixCachingBlockManager
@@ -45,7 +45,7 @@ def assert_iteration_within_limits(policy: str, sched, plan, budget: int, max_ba
         assert plan.num_tokens <= budget
 
 
-def run_workload(policy, prefix_caching, block_size, extra_blocks, budget, max_batch, requests,
+def run_workload(policy, prefix_caching, overlap, block_size, extra_blocks, budget, max_batch, requests,
                  aborts, shared_prefix):
     longest = max(p + m for p, m, _, _ in requests)
     num_blocks = -(-longest // block_size) + extra_blocks  # the largest request fits alone
@@ -57,6 +57,7 @@ def run_workload(policy, prefix_caching, block_size, extra_blocks, budget, max_b
     pending = sorted((arrive, i, p, m, prio) for i, (p, m, arrive, prio) in enumerate(requests))
     aborted: set[int] = set()
     finished: set[int] = set()
+    in_flight = None
     for it in range(5000):
         while pending and pending[0][0] <= it:
             _, i, p, m, prio = pending.pop(0)
@@ -67,10 +68,21 @@ def run_workload(policy, prefix_caching, block_size, extra_blocks, budget, max_b
                 aborted.add(victim)
         if not sched.has_work() and not pending:
             break
-        plan, updates = step(sched)
+        if overlap:
+            # Like the engine with overlap: plan N+1 is made before result N is applied.
+            plan = sched.schedule()
+            result = simulated_output(sched, plan)
+            updates = sched.update(in_flight) if in_flight is not None else []
+            in_flight = result
+        else:
+            plan, updates = step(sched)
         finished |= {u.seq_id for u in updates if u.finish_reason is not None}
         assert_iteration_within_limits(policy, sched, plan, budget, max_batch)
         assert_blocks_consistent(sched)
+        if in_flight is not None and not sched.has_work() and not pending:
+            updates = sched.update(in_flight)
+            finished |= {u.seq_id for u in updates if u.finish_reason is not None}
+            in_flight = None
     assert not pending and not sched.has_work(), "the scheduler stopped making progress"
     assert finished | aborted == set(range(len(requests))), "an admitted request never ended"
     assert not sched.blocks.tables
@@ -91,12 +103,13 @@ workloads = dict(
 )
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in_step", "overlapped"])
 @pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix_caching"])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_random_workloads_keep_blocks_consistent_and_always_finish(policy, prefix_caching):
+def test_random_workloads_keep_blocks_consistent_and_always_finish(policy, prefix_caching, overlap):
     @settings(max_examples=40, deadline=None)
     @given(**workloads)
     def check(**kw):
-        run_workload(policy, prefix_caching, **kw)
+        run_workload(policy, prefix_caching, overlap, **kw)
 
     check()
