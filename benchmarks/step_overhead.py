@@ -1,0 +1,112 @@
+"""How much of each iteration the device spends waiting for the scheduler, with and without
+overlapped scheduling, measured end to end through the real gRPC services.
+
+For each batch size it starts `sarathi serve`, runs that many concurrent requests (fixed prompt
+and output lengths, ignore_eos), reads the per-iteration trace over the Operator API and prints
+one table: decode-only iterations' worker time (prepare + forward + sample), the worker's idle
+gap before each plan, that gap as a share of the iteration, and the time between tokens that
+clients saw. A hybrid row adds a stream of long prompts beside the decodes.
+
+  python -m benchmarks.step_overhead --model dummy:llama3-8b --device cuda --batches 1 32 128
+  python -m benchmarks.step_overhead --batches 1 8          # the embedded model on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.serving.server_process import LocalServer, ServerLaunch
+from protos import generation_pb2 as pb
+from protos import generation_pb2_grpc
+
+
+@dataclass
+class Row:
+    workload: str
+    overlap: bool
+    iterations: int
+    busy_ms: float        # worker prepare + forward + sample, median over decode-only steps
+    idle_ms: float        # the worker's wait for the plan, median
+    idle_share: float     # sum(idle) / sum(idle + busy), decode-only steps
+    tbt_ms: float         # median gap between streamed tokens, as clients saw it
+
+
+def stream_gaps(stub, prompt: list[int], max_tokens: int) -> list[float]:
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    times = [time.perf_counter() for msg in stub.Generate(req) if msg.HasField("chunk")]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def measure(address: str, batch: int, prompt_len: int, out_len: int, hybrid: bool) -> tuple:
+    channel = grpc.insecure_channel(address)
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    operator = generation_pb2_grpc.OperatorStub(channel)
+    stream_gaps(stub, [7] * 16, 4)  # warm-up (graph capture, JIT)
+    first_step = operator.GetTrace(pb.GetTraceRequest(limit=1)).iterations[-1].step_id
+    prompts = [[(13 * i + j) % 1000 + 10 for j in range(prompt_len)] for i in range(batch)]
+    jobs = [(p, out_len) for p in prompts]
+    if hybrid:  # long prompts arriving while the batch decodes: hybrid iterations
+        jobs += [([(31 * k + j) % 1000 + 10 for j in range(2048)], 2) for k in range(4)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        gaps = [g for gs in pool.map(lambda j: stream_gaps(stub, *j), jobs) for g in gs]
+    steps = [it for it in operator.GetTrace(pb.GetTraceRequest()).iterations if it.step_id > first_step]
+    channel.close()
+    return steps, gaps
+
+
+def summarize(workload: str, overlap: bool, steps, gaps: list[float], hybrid: bool) -> Row:
+    chosen = [s for s in steps if (s.num_prefill_tokens > 0) == hybrid and s.num_decode_tokens > 0]
+    chosen = chosen[1:] or chosen  # the first step has no predecessor to be idle after
+    busy = [(s.worker_prepare_ns + s.worker_forward_ns + s.worker_sample_ns) / 1e6 for s in chosen]
+    idle = [s.worker_idle_ns / 1e6 for s in chosen]
+    share = sum(idle) / max(1e-9, sum(idle) + sum(busy))
+    return Row(workload, overlap, len(chosen), statistics.median(busy or [0]), statistics.median(idle or [0]),
+               share, 1000 * statistics.median(gaps or [0]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `sarathi serve` argument")
+    args = ap.parse_args(argv)
+    extra = [*args.server_arg]
+    if args.device:
+        extra += ["--device", args.device]
+    rows: list[Row] = []
+    for overlap in (True, False):
+        launch = ServerLaunch(chunk_size=args.chunk_size, model=args.model, metrics=False,
+                              extra_args=tuple(extra + ([] if overlap else ["--no-overlap"])),
+                              startup_timeout_s=900)
+        with LocalServer(launch) as server:
+            for batch in args.batches:
+                steps, gaps = measure(server.address, batch, args.prompt_tokens, args.output_tokens, False)
+                rows.append(summarize(f"decode, batch {batch}", overlap, steps, gaps, False))
+            batch = max(args.batches)
+            steps, gaps = measure(server.address, batch, args.prompt_tokens, args.output_tokens, True)
+            rows.append(summarize(f"hybrid, batch {batch} + 2048-token prompts", overlap, steps, gaps, True))
+    table = Table(title=f"Device idle between iterations ({args.model or 'embedded SmolLM2'}, "
+                        f"{args.device or 'default device'})")
+    for col in ("workload", "overlap", "iterations", "worker busy ms", "idle ms", "idle %", "client TBT ms"):
+        table.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: (r.workload, not r.overlap)):
+        table.add_row(r.workload, "on" if r.overlap else "off", str(r.iterations), f"{r.busy_ms:.2f}",
+                      f"{r.idle_ms:.3f}", f"{100 * r.idle_share:.1f}", f"{r.tbt_ms:.2f}")
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()
