@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +135,8 @@ def measure(tp: int, pp: int, config_path: str, chunk: int, decode_batch: int, i
             stats = driver.gather_stats()
             out[kind] = dict(ms=statistics.median(times) * 1e3, plan_bytes=len(plan_bytes[-1]),
                              stats=[{k: v / iters for k, v in s.items()} for s in stats])
+        if pp > 1:
+            out["decode/2x2"] = _pipelined_decode(driver, maker, decode_batch, iters)
     finally:
         driver.stop()
         for p in procs:
@@ -141,6 +145,30 @@ def measure(tp: int, pp: int, config_path: str, chunk: int, decode_batch: int, i
                 p.kill()
         close_rank(r)
     return out
+
+
+def _pipelined_decode(driver: ReplicaDriver, maker: PlanMaker, decode_batch: int, iters: int) -> dict:
+    """The same decode batch as two half-batch micro-batches, both in flight in the pipeline:
+    ms for every sequence to get one token (one pair of micro-batches)."""
+    driver.execute(maker.new_sequences(decode_batch, 8).to_proto().SerializeToString())
+    seqs = list(range(maker.next_seq - decode_batch, maker.next_seq))
+    halves = [seqs[: decode_batch // 2], seqs[decode_batch // 2:]]
+    pairs = [[maker.decode(h).to_proto().SerializeToString() for h in halves] for _ in range(iters + 1)]
+    for b in pairs[0]:                    # warm-up
+        driver.execute(b)
+    driver.gather_stats()
+    flat = [b for pair in pairs[1:] for b in pair]
+    steps: queue.SimpleQueue[int] = queue.SimpleQueue()
+    start = time.perf_counter()
+    feeder = threading.Thread(target=lambda: [steps.put(driver.dispatch(b)) for b in flat])
+    feeder.start()
+    for _ in flat:
+        driver.collect(steps.get())
+    elapsed = time.perf_counter() - start
+    feeder.join()
+    stats = driver.gather_stats()
+    return dict(ms=elapsed / iters * 1e3, plan_bytes=len(flat[-1]),
+                stats=[{k: v / iters for k, v in s.items()} for s in stats])
 
 
 def main() -> None:
@@ -174,19 +202,22 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name, res in results.items():
-        for kind in ("prefill", "decode"):
+        for kind in res:
             m = res[kind]
 
             def total(key: str, m=m) -> float:
                 return sum(x[key] for x in m["stats"])
 
             r0 = m["stats"][0]
-            print(f"{name:6} {kind:9} {m['ms']:8.2f} {m['ms'] / base[kind]['ms']:6.2f}x {m['plan_bytes']:6d} "
+            ratio = m["ms"] / base[kind.split("/")[0]]["ms"]
+            print(f"{name:6} {kind:9} {m['ms']:8.2f} {ratio:6.2f}x {m['plan_bytes']:6d} "
                   f"{total('zmq_messages'):8.1f} {total('zmq_bytes') / 1e3:8.1f} "
                   f"{total('zmq_send_ns') / 1e6:7.3f} {total('hidden_transit_ns') / 1e6:10.3f} "
                   f"{total('hidden_unpack_ns') / 1e6:9.3f} {r0['collective_calls']:10.1f} "
                   f"{r0['collective_bytes'] / 1e3:8.1f} {r0['collective_ns'] / 1e6:8.3f}")
-    print("""per iteration. zmq: messages, bytes and send time (serialise + queue) of all ranks together:
+    print("""decode/2x2: the decode batch as two half-batch micro-batches, both in flight (PP only);
+its numbers are per pair, i.e. per token for every sequence, as the decode rows are.
+per iteration. zmq: messages, bytes and send time (serialise + queue) of all ranks together:
 plan bytes to every other rank, hidden states + residual stage to stage, the result to rank 0.
 transit: hidden states from send until the receiver's mailbox thread had them; unpack: bytes to
 tensors. coll: all_reduce (o_proj, down_proj per layer; embedding) and all_gather (logits) as
