@@ -8,207 +8,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-
-from rich.console import Console
-from rich.table import Table
+from dataclasses import asdict, replace
 
 from benchmarks.serving.bench import BenchResult, measure_decode_time_s, run_bench, warm_up
-from benchmarks.serving.capacity import CapacityResult, Probe, SearchParams, search_capacity
+from benchmarks.serving.capacity import CapacityResult
 from benchmarks.serving.capacity_report import capacity_table, write_capacity_report
-from benchmarks.serving.client import ClientOptions
-from benchmarks.serving.metrics import Distribution, RunSummary
-from benchmarks.serving.report import plot_cdfs, write_run_report
-from benchmarks.serving.server_metrics import MetricsTimeline, wait_until_idle
-from benchmarks.serving.server_process import LocalServer, ServerLaunch, ServerStartError
-from benchmarks.serving.slo import EarlyFailRule, Slo
-from benchmarks.serving.workload import ARRIVAL_KINDS, LENGTH_KINDS, WorkloadConfig, build_workload, with_rate
-
-AUTO_INITIAL_FRACTION = 0.5
-AUTO_MIN_FRACTION = 1 / 8
-# Between probes: the server must have dropped the previous probe's cancelled requests.
-IDLE_TIMEOUT_S = 60.0
-SETTLE_WITHOUT_METRICS_S = 2.0
-
-
-def token_range(text: str) -> tuple[int, int]:
-    """`128` or `64:256` (inclusive)."""
-    low, _, high = text.partition(":")
-    return int(low), int(high or low)
-
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("server")
-    group.add_argument("--address", help="HOST:PORT of a running server; otherwise one is started locally")
-    group.add_argument(
-        "--chunk-size", type=int, help="passed to `sarathi serve` (token budget per iteration)"
-    )
-    group.add_argument("--model", help="passed to `sarathi serve` (default: the embedded SmolLM2-135M)")
-    group.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        help="extra argument for `sarathi serve`, repeatable (e.g. --server-arg=--max-num-seqs=64)",
-    )
-    group.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for SERVING")
-    group.add_argument(
-        "--metrics-url",
-        help="with --address: the server's Prometheus page (http://HOST:PORT/metrics), for the timeline",
-    )
-
-
-def add_workload_args(parser: argparse.ArgumentParser, arrivals: bool = True) -> None:
-    group = parser.add_argument_group("workload")
-    group.add_argument("--num-requests", type=int, default=32)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--lengths", choices=LENGTH_KINDS, default="fixed")
-    group.add_argument("--prompt-tokens", type=token_range, default=(128, 128), help="N or LOW:HIGH")
-    group.add_argument("--output-tokens", type=token_range, default=(32, 32), help="N or LOW:HIGH")
-    group.add_argument("--zipf-theta", type=float, default=1.1)
-    group.add_argument("--trace", help="chat, arxiv (shipped traces) or a .csv/.jsonl path")
-    group.add_argument("--length-scale", type=float, default=1.0, help="multiplies trace lengths")
-    group.add_argument("--max-prompt-tokens", type=int)
-    group.add_argument("--max-output-tokens", type=int)
-    if arrivals:
-        group.add_argument("--arrivals", choices=ARRIVAL_KINDS, default="poisson")
-        group.add_argument("--rate", type=float, default=2.0, help="requests/s (poisson, gamma)")
-        group.add_argument("--cv", type=float, default=1.0, help="gamma: burstiness (CV of gaps)")
-        group.add_argument("--time-scale", type=float, default=1.0, help="trace arrivals: time multiplier")
-    group.add_argument("--temperature", type=float, default=0.0)
-    group.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
-    group.add_argument("--warmup", type=int, default=2, help="warm-up requests before measuring")
-
-
-def add_output_args(parser: argparse.ArgumentParser, kind: str) -> None:
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help=f"default: bench_results/{kind}-<UTC time>",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
-
-
-def workload_config(args: argparse.Namespace) -> WorkloadConfig:
-    lengths = args.lengths
-    if args.trace and lengths == "fixed":
-        lengths = "trace"  # --trace alone means: take lengths from it
-    return WorkloadConfig(
-        num_requests=args.num_requests,
-        seed=args.seed,
-        lengths=lengths,
-        prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens,
-        zipf_theta=args.zipf_theta,
-        trace=args.trace,
-        length_scale=args.length_scale,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_output_tokens=args.max_output_tokens,
-        arrivals=getattr(args, "arrivals", "poisson"),
-        rate=getattr(args, "rate", 1.0),
-        burstiness_cv=getattr(args, "cv", 1.0),
-        time_scale=getattr(args, "time_scale", 1.0),
-    )
-
-
-def client_options(args: argparse.Namespace) -> ClientOptions:
-    return ClientOptions(seed=args.seed, temperature=args.temperature, request_timeout_s=args.request_timeout)
-
-
-def output_dir(args: argparse.Namespace, kind: str) -> Path:
-    if args.output_dir is not None:
-        return args.output_dir
-    return Path("bench_results") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    address: str  # gRPC HOST:PORT
-    metrics_url: str | None  # its Prometheus page, sampled during runs when known
-
-
-@contextlib.contextmanager
-def server_endpoint(
-    args: argparse.Namespace, policy: str | None, log_dir: Path, chunk_size: int | None = None
-) -> Iterator[Endpoint]:
-    if args.address:
-        yield Endpoint(args.address, args.metrics_url)
-        return
-    launch = ServerLaunch(
-        policy=policy,
-        chunk_size=chunk_size or args.chunk_size,
-        model=args.model,
-        extra_args=tuple(args.server_arg),
-        startup_timeout_s=args.startup_timeout,
-        log_path=log_dir / f"server-{policy or 'default'}{f'-{chunk_size}' if chunk_size else ''}.log",
-    )
-    with LocalServer(launch) as server:
-        yield Endpoint(server.address, server.metrics_url)
-
-
-def summary_table(results: Sequence[BenchResult]) -> Table:
-    table = Table(title="Serving benchmark (latencies in ms)")
-    table.add_column("run")
-    table.add_column("metric")
-    for name in ("P50", "P90", "P99", "max", "mean", "n"):
-        table.add_column(name, justify="right")
-    for result in results:
-        s = result.summary
-        rows: list[tuple[str, Distribution]] = [
-            ("TTFT", s.ttft_s),
-            ("TBT", s.tbt_s),
-            ("e2e", s.e2e_s),
-            ("per token", s.normalized_latency_s),
-        ]
-        if s.scheduling_delay_s.count:
-            rows.append(("sched delay", s.scheduling_delay_s))
-        for i, (name, d) in enumerate(rows):
-            cells = [f"{v * 1e3:.1f}" for v in (d.p50, d.p90, d.p99, d.max, d.mean)]
-            table.add_row(result.label if i == 0 else "", name, *cells, str(d.count))
-        table.add_section()
-    return table
-
-
-def make_console() -> Console:
-    """Rich's own width on a terminal; 120 columns into files and pipes, where it would assume
-    80 and wrap the tables."""
-    console = Console()
-    return console if console.is_terminal else Console(width=120)
-
-
-def server_line(timeline: MetricsTimeline) -> str:
-    totals = timeline.run_totals()
-    if not totals:
-        return f"server metrics: too few samples from {timeline.url}"
-    mean_ms = totals.get("mean_iteration_s", float("nan")) * 1e3
-    return (
-        f"server: {totals.get('iterations', 0):.0f} iterations, mean {mean_ms:.1f} ms; "
-        f"{totals.get('prefill_tokens', 0):.0f} prefill and {totals.get('generated_tokens', 0):.0f} "
-        f"generated tokens; {totals.get('preemptions', 0):.0f} preemptions"
-    )
-
-
-def throughput_line(summary: RunSummary) -> str:
-    return (
-        f"{summary.num_completed}/{summary.num_requests} completed in {summary.duration_s:.1f} s: "
-        f"{summary.request_throughput:.2f} req/s, {summary.output_token_throughput:.0f} output tokens/s; "
-        f"client send lag max {summary.send_lag_s.max * 1e3:.1f} ms"
-    )
-
-
-def stop_servers_on_sigterm() -> None:
-    """SIGTERM (timeout, CI cancel) becomes SystemExit, so the `with LocalServer` blocks unwind
-    and stop the servers this process started instead of leaving them running."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-
+from benchmarks.serving.capacity_run import search_policy, write_best_runs
+from benchmarks.serving.cli_common import (
+    add_output_args,
+    add_server_args,
+    add_workload_args,
+    client_options,
+    make_console,
+    output_dir,
+    server_endpoint,
+    server_line,
+    stop_servers_on_sigterm,
+    summary_table,
+    throughput_line,
+    workload_config,
+)
+from benchmarks.serving.report import write_run_report
+from benchmarks.serving.server_process import ServerStartError
+from benchmarks.serving.slo import Slo
+from benchmarks.serving.workload import build_workload
 
 # ---------------------------------------------------------------------------------------- bench
 
@@ -374,7 +198,7 @@ def main_capacity(argv: list[str] | None = None) -> int:
                     )
                 console.print(f"[bold]{policy}[/]: SLO {slo.describe()}")
                 result, best = asyncio.run(
-                    _search_policy(policy, endpoint, config, slo, options, args, console)
+                    search_policy(policy, endpoint, config, slo, options, args, console)
                 )
         except ServerStartError as e:
             # One policy that cannot start (not written yet, say) must not cost the others.
@@ -396,98 +220,6 @@ def main_capacity(argv: list[str] | None = None) -> int:
         "server": asdict(next(iter(best_runs.values())).server) if best_runs else None,
     }
     paths = write_capacity_report(out_dir, results, slo, metadata)
-    _write_best_runs(out_dir, best_runs, slo, metadata)
+    write_best_runs(out_dir, best_runs, slo, metadata)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-def search_params(args: argparse.Namespace, saturation_rate: float | None) -> SearchParams:
-    """With --initial-rate auto the bracket starts at half the saturated throughput and ends at
-    it: a probe costs (requests / rate) seconds, so starting far below capacity and halving
-    towards it is what makes a CPU search slow."""
-    min_rate = args.min_rate
-    max_rate = SearchParams.max_rate
-    if args.initial_rate == "auto":
-        assert saturation_rate is not None
-        initial = max(saturation_rate * AUTO_INITIAL_FRACTION, args.min_rate)
-        # A probe at rate r lasts num_requests / r seconds: below a small fraction of the
-        # saturated throughput a search would spend many minutes to report "about none".
-        min_rate = max(min_rate, saturation_rate * AUTO_MIN_FRACTION)
-        # No rate above the saturated throughput is sustainable: its queue grows without bound.
-        # A short probe can still pass there (the queue has no time to grow), so cap the search.
-        max_rate = saturation_rate
-    else:
-        initial = float(args.initial_rate)
-    return SearchParams(
-        initial_rate=initial,
-        min_rate=min(min_rate, initial),
-        max_rate=max(max_rate, initial),
-        max_probes=args.max_probes,
-        rel_tol=args.rel_tol,
-    )
-
-
-async def _search_policy(
-    policy: str,
-    endpoint: Endpoint,
-    config: WorkloadConfig,
-    slo: Slo,
-    options: ClientOptions,
-    args: argparse.Namespace,
-    console: Console,
-) -> tuple[CapacityResult, BenchResult | None]:
-    runs: dict[float, BenchResult] = {}
-    saturation_rate = None
-    if args.initial_rate == "auto":
-        saturated = await run_bench(
-            endpoint.address,
-            build_workload(replace(config, arrivals="static")),
-            f"{policy} saturated",
-            options,
-            console=console,
-            show_progress=not args.no_progress,
-        )
-        saturation_rate = saturated.summary.request_throughput
-        console.print(f"  {policy}: {throughput_line(saturated.summary)}")
-    params = search_params(args, saturation_rate)
-
-    async def probe(rate: float) -> Probe:
-        specs = build_workload(with_rate(config, rate))
-        rule = EarlyFailRule(slo, [s.num_output_tokens for s in specs])
-        if endpoint.metrics_url is None:
-            await asyncio.sleep(SETTLE_WITHOUT_METRICS_S)
-        elif not await wait_until_idle(endpoint.metrics_url, IDLE_TIMEOUT_S):
-            console.print(f"  [yellow]the server still holds requests after {IDLE_TIMEOUT_S:.0f} s[/]")
-        label = f"{policy} @ {rate:.3g} req/s"
-        run = await run_bench(
-            endpoint.address, specs, label, options, rule, console, not args.no_progress, endpoint.metrics_url
-        )
-        # An early stop cancels the requests still running: they are not failures of their own.
-        violations = (
-            [f"stopped early: {run.stopped_early}"] if run.stopped_early else slo.violations(run.summary)
-        )
-        runs[rate] = run
-        verdict = "[green]meets SLO[/]" if not violations else f"[red]misses[/] ({'; '.join(violations)})"
-        s = run.summary
-        console.print(
-            f"  {label}: P99 TBT {s.tbt_s.p99 * 1e3:.0f} ms, P50 TTFT {s.ttft_s.p50 * 1e3:.0f} ms, "
-            f"P99 TTFT {s.ttft_s.p99 * 1e3:.0f} ms: {verdict}"
-        )
-        return Probe(rate, not violations, tuple(violations), run.summary, run.stopped_early)
-
-    result = await search_capacity(policy, probe, params)
-    result.saturation_rate = saturation_rate
-    return result, runs.get(result.capacity_rate) if result.capacity_rate > 0 else None
-
-
-def _write_best_runs(out_dir: Path, runs: dict[str, BenchResult], slo: Slo, metadata: dict) -> None:
-    """Per policy, the run at its capacity (JSON, CSV, CDFs), and CDFs of all policies together."""
-    for policy, run in runs.items():
-        write_run_report(
-            out_dir / "at_capacity", policy, run.records, run.summary, metadata, run.server_metrics
-        )
-    if runs:
-        ttft = {p: [r.ttft_s for r in run.records if r.ttft_s is not None] for p, run in runs.items()}
-        tbt = {p: [g for r in run.records for g in r.tbt_gaps_s] for p, run in runs.items()}
-        plot_cdfs(ttft, "TTFT (s)", "TTFT at capacity", out_dir / "ttft_cdf.png")
-        plot_cdfs(tbt, "time between tokens (s)", "TBT at capacity", out_dir / "tbt_cdf.png", slo.p99_tbt_s)
