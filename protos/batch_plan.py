@@ -43,6 +43,13 @@ class BatchPlan:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     new_block_counts: list[int] = field(default_factory=list)
     new_block_ids: list[int] = field(default_factory=list)
+    # KV copies, applied before anything else in the plan (swap-out first): pair i copies
+    # swap_out_device_blocks[i] -> swap_out_host_blocks[i], swap_in_host_blocks[i] ->
+    # swap_in_device_blocks[i].
+    swap_out_device_blocks: list[int] = field(default_factory=list)
+    swap_out_host_blocks: list[int] = field(default_factory=list)
+    swap_in_host_blocks: list[int] = field(default_factory=list)
+    swap_in_device_blocks: list[int] = field(default_factory=list)
 
     def schedule(self, seq_id: int, num_computed: int, num_scheduled: int,
                  new_blocks: list[int]) -> None:
@@ -58,7 +65,8 @@ class BatchPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not self.seq_ids and not self.dropped_seq_ids
+        return (not self.seq_ids and not self.dropped_seq_ids and not self.swap_out_device_blocks
+                and not self.swap_in_device_blocks)
 
     def to_proto(self) -> worker_pb2.BatchPlan:
         return worker_pb2.BatchPlan(
@@ -80,6 +88,10 @@ class BatchPlan:
             num_scheduled_tokens=self.num_scheduled_tokens,
             new_block_counts=self.new_block_counts,
             new_block_ids=self.new_block_ids,
+            swap_out_device_blocks=self.swap_out_device_blocks,
+            swap_out_host_blocks=self.swap_out_host_blocks,
+            swap_in_host_blocks=self.swap_in_host_blocks,
+            swap_in_device_blocks=self.swap_in_device_blocks,
         )
 
     @classmethod
@@ -104,6 +116,10 @@ class BatchPlan:
             num_scheduled_tokens=list(msg.num_scheduled_tokens),
             new_block_counts=list(msg.new_block_counts),
             new_block_ids=list(msg.new_block_ids),
+            swap_out_device_blocks=list(msg.swap_out_device_blocks),
+            swap_out_host_blocks=list(msg.swap_out_host_blocks),
+            swap_in_host_blocks=list(msg.swap_in_host_blocks),
+            swap_in_device_blocks=list(msg.swap_in_device_blocks),
         )
 
 

@@ -9,6 +9,11 @@ shares full blocks between sequences with equal prefixes; both keep this contrac
 - a block is either free, or referenced by ref_count(b) >= 1 block tables (counted with
   multiplicity), or (prefix caching only) evictable: unreferenced but still holding cached KV;
 - num_free_blocks counts free and evictable blocks: both can be handed out.
+
+With host blocks (CacheConfig.num_host_blocks > 0) a preempted sequence's KV may be swapped out
+to host memory instead of being recomputed: its device blocks are copied to host blocks (the plan
+carries the pairs) and freed; when it is admitted again, fresh device blocks are allocated and the
+host blocks copied back in.
 """
 
 from __future__ import annotations
@@ -30,10 +35,15 @@ class CacheConfig:
     watermark: float = 0.01
     # Reuse the KV of full blocks whose tokens (and all tokens before them) match.
     prefix_caching: bool = False
+    # Host-memory blocks for preemption by swapping (0: preemption by recompute only). The
+    # worker must hold a host cache of this many blocks.
+    num_host_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError("the watermark is a share of the cache in [0, 1)")
+        if self.num_host_blocks < 0:
+            raise ValueError("the number of host blocks cannot be negative")
 
 
 @dataclass
@@ -46,7 +56,8 @@ class PrefixCacheStats:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01) -> None:
+    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01,
+                 num_host_blocks: int = 0) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.num_blocks = num_blocks
@@ -56,6 +67,10 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self.tables: dict[int, list[int]] = {}
         self.prefix_stats = PrefixCacheStats()
+        self.num_host_blocks = num_host_blocks
+        self._host_free: deque[int] = deque(range(num_host_blocks))
+        self.host_tables: dict[int, list[int]] = {}    # swapped-out sequences' KV, in order
+        self._swapped_tokens: dict[int, int] = {}      # tokens whose KV those blocks hold
 
     # --- counting ---------------------------------------------------------------------------
     @property
@@ -93,6 +108,9 @@ class BlockManager:
     def free_block_ids(self) -> list[int]:
         return list(self._free)
 
+    def free_host_block_ids(self) -> list[int]:
+        return list(self._host_free)
+
     def evictable_block_ids(self) -> list[int]:
         return []
 
@@ -107,6 +125,13 @@ class BlockManager:
         return new
 
     def free(self, seq_id: int) -> None:
+        """The sequence is gone (finished or aborted): every block it holds, device or host."""
+        self.release(seq_id)
+        self._host_free.extend(self.host_tables.pop(seq_id, ()))
+        self._swapped_tokens.pop(seq_id, None)
+
+    def release(self, seq_id: int) -> None:
+        """Gives back the sequence's device blocks (preemption, an admission taken back)."""
         # Tail first, so that with prefix caching the tail of a prompt is evicted before its head
         # (a head is shared by more future requests than a tail).
         for block in reversed(self.tables.pop(seq_id, ())):
@@ -122,6 +147,36 @@ class BlockManager:
     def cache_blocks(self, request: Request) -> None:
         """Called after request.num_computed_tokens advanced: its full computed blocks may now be
         shared. Without prefix caching: nothing to do."""
+
+    # --- swapping ----------------------------------------------------------------------------
+    def can_swap_out(self, seq_id: int) -> bool:
+        table = self.tables.get(seq_id)
+        return bool(table) and len(table) <= len(self._host_free)
+
+    def swap_out(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
+        """Moves the sequence's KV (num_tokens of it) to host blocks and frees its device
+        blocks. Returns the (device block, host block) copies the worker must make before it
+        writes to any of those device blocks again."""
+        table = self.tables[seq_id]
+        host = [self._host_free.popleft() for _ in table]
+        self.host_tables[seq_id] = host
+        self._swapped_tokens[seq_id] = num_tokens
+        pairs = list(zip(table, host, strict=True))
+        self.release(seq_id)
+        return pairs
+
+    def swapped_tokens(self, seq_id: int) -> int:
+        """Tokens of KV the sequence has in host blocks (0: none)."""
+        return self._swapped_tokens.get(seq_id, 0)
+
+    def swap_in(self, seq_id: int) -> list[tuple[int, int]]:
+        """After the sequence got device blocks for its swapped KV (allocate): frees its host
+        blocks and returns the (host block, device block) copies the worker must make."""
+        host = self.host_tables.pop(seq_id)
+        del self._swapped_tokens[seq_id]
+        pairs = list(zip(host, self.tables[seq_id][:len(host)], strict=True))
+        self._host_free.extend(host)
+        return pairs
 
     def record_admission(self, cached_tokens: int, num_tokens: int) -> None:
         self.prefix_stats.num_queries += 1
@@ -142,5 +197,6 @@ def make_block_manager(num_blocks: int, block_size: int, config: CacheConfig) ->
     if config.prefix_caching:
         from scheduler_service.prefix_caching import PrefixCachingBlockManager
 
-        return PrefixCachingBlockManager(num_blocks, block_size, config.watermark)
-    return BlockManager(num_blocks, block_size, config.watermark)
+        return PrefixCachingBlockManager(num_blocks, block_size, config.watermark,
+                                         config.num_host_blocks)
+    return BlockManager(num_blocks, block_size, config.watermark, config.num_host_blocks)

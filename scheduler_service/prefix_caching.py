@@ -36,8 +36,9 @@ def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: i
 
 
 class PrefixCachingBlockManager(BlockManager):
-    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01) -> None:
-        super().__init__(num_blocks, block_size, watermark)
+    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01,
+                 num_host_blocks: int = 0) -> None:
+        super().__init__(num_blocks, block_size, watermark, num_host_blocks)
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()   # oldest first
@@ -96,9 +97,9 @@ class PrefixCachingBlockManager(BlockManager):
             # else: an equal block computed concurrently is already cached; ours stays private.
         self._num_registered[seq_id] = full
 
-    def free(self, seq_id: int) -> None:
+    def release(self, seq_id: int) -> None:
         self._num_registered.pop(seq_id, None)
-        super().free(seq_id)
+        super().release(seq_id)
 
     def _take(self) -> int:
         if self._free:

@@ -71,6 +71,12 @@ class Scheduler:
         plan = BatchPlan(step_id=self._next_step_id, dropped_seq_ids=self._pending_drops)
         self._pending_drops = []
         self._next_step_id += 1
+        for device, host in out.swap_out:
+            plan.swap_out_device_blocks.append(device)
+            plan.swap_out_host_blocks.append(host)
+        for host, device in out.swap_in:
+            plan.swap_in_host_blocks.append(host)
+            plan.swap_in_device_blocks.append(device)
         for request in out.preempted:
             if request.known_to_worker:
                 plan.dropped_seq_ids.append(request.seq_id)

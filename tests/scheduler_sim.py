@@ -12,9 +12,11 @@ from scheduler_service.scheduler import RequestUpdate, Scheduler
 
 def make_scheduler(policy: str = "sarathi", num_blocks: int = 1000, block_size: int = 16,
                    token_budget: int = 64, max_batch_size: int = 32, *, watermark: float = 0.01,
-                   prefix_caching: bool = False, **policy_knobs) -> Scheduler:
+                   prefix_caching: bool = False, num_host_blocks: int = 0,
+                   **policy_knobs) -> Scheduler:
     config = PolicyConfig(token_budget=token_budget, max_batch_size=max_batch_size, **policy_knobs)
-    blocks = make_block_manager(num_blocks, block_size, CacheConfig(watermark, prefix_caching))
+    blocks = make_block_manager(num_blocks, block_size,
+                                CacheConfig(watermark, prefix_caching, num_host_blocks))
     return Scheduler(make_policy(policy, config), blocks)
 
 

@@ -32,6 +32,12 @@ def assert_blocks_consistent(sched) -> None:
     assert set(tables) <= set(sched.requests), "a block table outlived its request"
     for req in sched.state.running:
         assert len(tables.get(req.seq_id, ())) * blocks.block_size >= req.num_computed_tokens
+    host = [b for t in blocks.host_tables.values() for b in t]
+    assert sorted(host + blocks.free_host_block_ids()) == list(range(blocks.num_host_blocks)), \
+        "a host block leaked or is owned twice"
+    for seq_id in blocks.host_tables:
+        assert seq_id not in tables, "a swapped-out sequence still holds device blocks"
+        assert sched.requests[seq_id] in sched.state.waiting
 
 
 def assert_iteration_within_limits(policy: str, sched, plan, budget: int, max_batch: int) -> None:
@@ -45,14 +51,15 @@ def assert_iteration_within_limits(policy: str, sched, plan, budget: int, max_ba
         assert plan.num_tokens <= budget
 
 
-def run_workload(policy, prefix_caching, overlap, block_size, extra_blocks, budget, max_batch, requests,
-                 aborts, shared_prefix):
+def run_workload(policy, prefix_caching, swap, overlap, block_size, extra_blocks, budget, max_batch,
+                 requests, aborts, shared_prefix, host_share=0.5):
     longest = max(p + m for p, m, _, _ in requests)
     num_blocks = -(-longest // block_size) + extra_blocks  # the largest request fits alone
     max_batch = min(max_batch, budget)
     sched = make_scheduler(policy, num_blocks=num_blocks, block_size=block_size,
                            token_budget=budget, max_batch_size=max_batch,
-                           prefix_caching=prefix_caching, watermark=0.1)
+                           prefix_caching=prefix_caching, watermark=0.1,
+                           num_host_blocks=int(host_share * num_blocks) if swap else 0)
     # shared_prefix: every prompt starts alike (cache hits); else every prompt is unique.
     pending = sorted((arrive, i, p, m, prio) for i, (p, m, arrive, prio) in enumerate(requests))
     aborted: set[int] = set()
@@ -87,6 +94,7 @@ def run_workload(policy, prefix_caching, overlap, block_size, extra_blocks, budg
     assert finished | aborted == set(range(len(requests))), "an admitted request never ended"
     assert not sched.blocks.tables
     assert sched.blocks.num_free_blocks == sched.blocks.num_blocks, "blocks leaked at the end"
+    assert len(sched.blocks.free_host_block_ids()) == sched.blocks.num_host_blocks
     return sched
 
 
@@ -100,16 +108,17 @@ workloads = dict(
                       min_size=1, max_size=12),
     aborts=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), max_size=4),
     shared_prefix=st.booleans(),
+    host_share=st.sampled_from([0.2, 0.5, 2.0]),
 )
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["in_step", "overlapped"])
-@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix_caching"])
+@pytest.mark.parametrize("cache", ["plain", "prefix_caching", "swap", "prefix_caching+swap"])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_random_workloads_keep_blocks_consistent_and_always_finish(policy, prefix_caching, overlap):
-    @settings(max_examples=40, deadline=None)
+def test_random_workloads_keep_blocks_consistent_and_always_finish(policy, cache, overlap):
+    @settings(max_examples=30, deadline=None)
     @given(**workloads)
     def check(**kw):
-        run_workload(policy, prefix_caching, overlap, **kw)
+        run_workload(policy, "prefix_caching" in cache, "swap" in cache, overlap, **kw)
 
     check()

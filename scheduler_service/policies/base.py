@@ -47,6 +47,8 @@ class ScheduledChunk:
 class ScheduleOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device, host) copies
+    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host, device) copies
     _scheduled: set[int] = field(default_factory=set, repr=False)
 
     @property
@@ -100,7 +102,8 @@ class SchedulerState:
 
     def admit(self, request: Request, out: ScheduleOutput, max_tokens: int, *,
               keep_free: int = 0, whole: bool = False) -> int:
-        """Moves waiting request to running with a first chunk, reusing its cached prefix.
+        """Moves waiting request to running with a first chunk, reusing its swapped-out KV or
+        its cached prefix.
 
         The chunk is min(uncomputed tokens, max_tokens, what fits leaving keep_free blocks); with
         whole, all its uncomputed tokens or nothing. When blocks fall short, lower-priority
@@ -108,7 +111,13 @@ class SchedulerState:
         first). Returns the chunk's tokens; 0 means not admitted, and nothing changed (but any
         preemption that could not help is not done either)."""
         blocks = self.blocks
-        cached = blocks.acquire_prefix(request)
+        swapped = blocks.swapped_tokens(request.seq_id)
+        if swapped:
+            cached = self._allocate_swap_in(request, swapped, keep_free)
+            if cached < 0:
+                return 0
+        else:
+            cached = blocks.acquire_prefix(request)
         request.num_computed_tokens = cached
         uncomputed = request.num_uncomputed_tokens
         want = uncomputed if whole else min(uncomputed, max_tokens)
@@ -116,15 +125,30 @@ class SchedulerState:
             want = 0
         n = self._fit(request, want, keep_free, whole, out) if want > 0 else 0
         if n <= 0:
-            blocks.free(request.seq_id)  # give the cached prefix back
+            blocks.release(request.seq_id)  # give the prefix (or swap-in blocks) back
             request.num_computed_tokens = 0
             return 0
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
-        blocks.record_admission(cached, request.num_tokens)
+        if swapped:
+            out.swap_in.extend(blocks.swap_in(request.seq_id))
+        else:
+            blocks.record_admission(cached, request.num_tokens)
         self.schedule_chunk(out, request, n)
         return n
+
+    def _allocate_swap_in(self, request: Request, swapped: int, keep_free: int) -> int:
+        """Device blocks for a swapped-out request's KV; returns how many of its tokens count
+        as computed, or -1 if the blocks do not fit. The last known token is always computed
+        again: a sample in flight when it was preempted is void, so it must be redrawn."""
+        blocks = self.blocks
+        num_host = len(blocks.host_tables[request.seq_id])
+        if not blocks.can_allocate(request.seq_id, num_host * blocks.block_size, keep_free):
+            return -1
+        blocks.allocate(request.seq_id, num_host * blocks.block_size)
+        known = request.num_prompt_tokens + len(request.output_token_ids)
+        return min(swapped, known - 1)
 
     def _fit(self, request: Request, want: int, keep_free: int, whole: bool,
              out: ScheduleOutput) -> int:
@@ -165,9 +189,13 @@ class SchedulerState:
                 return
 
     def preempt(self, request: Request, out: ScheduleOutput) -> None:
-        """Preemption by recompute: free the blocks, forget the KV, requeue at the front."""
+        """Frees the request's device blocks and requeues it at the front of its priority: its
+        KV goes to host blocks if they have room (swap), else it is recomputed later."""
         self.running.remove(request)
-        self.blocks.free(request.seq_id)
+        if self.blocks.can_swap_out(request.seq_id):
+            out.swap_out.extend(self.blocks.swap_out(request.seq_id, request.num_computed_tokens))
+        else:
+            self.blocks.release(request.seq_id)
         request.num_computed_tokens = 0
         request.num_pending_tokens = 0  # its in-flight sample, if any, is void: recompute makes it
         request.status = RequestStatus.WAITING
