@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from protos.batch_plan import BatchPlan
-from worker_service.runner import PlanError
 
 
 class HostKVCache:
@@ -48,8 +47,10 @@ class HostKVCache:
             device_cache.index_copy_(0, dev, rows.to(device, non_blocking=rows.is_pinned()))
 
 
-class SwapError(PlanError):
-    """The plan asks for copies the worker cannot make (no host cache, bad block ids)."""
+class SwapError(ValueError):
+    """The plan asks for copies the worker cannot make (no host cache, bad block ids). The
+    runner turns it into its PlanError (this module must not import the runner: the runner
+    imports it)."""
 
 
 def apply_swaps(host_cache: HostKVCache | None, device_caches: list[torch.Tensor],
