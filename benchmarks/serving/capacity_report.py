@@ -133,6 +133,7 @@ def plot_capacity(results: Sequence[CapacityResult], slo: Slo, path: Path) -> No
     colors = [f"C{i}" for i in range(len(results))]
     bars.bar(names, [r.capacity_rate for r in results], color=colors)
     bars.set_ylabel("capacity (requests/s)")
+    bars.set_ylim(bottom=0, top=max([r.capacity_rate for r in results] + [0.0]) * 1.15 or 1.0)
     bars.set_title("Capacity under the SLO")
     for i, result in enumerate(results):
         points = sorted((p.rate, p.summary.tbt_s.p99, p.passed) for p in result.probes if p.summary)
