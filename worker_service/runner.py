@@ -175,8 +175,14 @@ class ModelRunner:
             if not 0 < new.num_prompt_tokens <= len(new.token_ids):
                 raise PlanError(f"sequence {new.seq_id}: {new.num_prompt_tokens} prompt tokens "
                                 f"of {len(new.token_ids)}")
+            # A prefix-cache hit arrives with its leading tokens' KV already in the block table.
+            cached = getattr(new, "num_computed_tokens", 0)
+            if not 0 <= cached < len(new.token_ids) or cached > len(new.block_table) * self.block_size:
+                raise PlanError(f"sequence {new.seq_id}: {cached} cached tokens of "
+                                f"{len(new.token_ids)}, {len(new.block_table)} blocks")
             self.seqs[new.seq_id] = SequenceState(
-                list(new.token_ids), new.num_prompt_tokens, list(new.block_table), 0, new.sampling)
+                list(new.token_ids), new.num_prompt_tokens, list(new.block_table), cached,
+                new.sampling)
 
     def _forward(self, batch: HostBatch) -> torch.Tensor | None:
         """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits."""

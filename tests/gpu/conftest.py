@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +11,11 @@ if not torch.cuda.is_available():
     collect_ignore_glob = ["test_*.py"]
 
 
+_HERE = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(items) -> None:
+    # This hook sees the whole session's items: mark only the ones in this folder.
     for item in items:
-        item.add_marker(pytest.mark.gpu)
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.gpu)
