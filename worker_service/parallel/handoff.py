@@ -97,18 +97,23 @@ class Mailbox:
         self._pull.bind(_bind_address(layout.addresses[rank]))
         self._started = time.monotonic()
         self.last_heard: dict[int, float] = {}
+        self.ready_peers: set[int] = set()
+        self._ready = False
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"mailbox-{rank}", daemon=True)
         self._thread.start()
 
     def wait_for_peers(self, timeout: float) -> None:
-        """Returns once every peer has been heard from (so plans sent now are not dropped)."""
+        """Declares this rank ready (its shard is built) and returns once every peer has said the
+        same. Until a peer is ready, only STARTUP_TIMEOUT_S of silence counts as lost: loading
+        weights or joining the gloo group may starve the heartbeat thread on a busy host."""
+        self._ready = True
         deadline = time.monotonic() + timeout
         peers = set(range(self.layout.world_size)) - {self.rank}
-        while not peers <= self.last_heard.keys():
+        while not peers <= self.ready_peers:
             if time.monotonic() > deadline:
-                missing = sorted(peers - self.last_heard.keys())
-                raise TimeoutError(f"replica ranks {missing} did not start within {timeout:.0f} s")
+                missing = sorted(peers - self.ready_peers)
+                raise TimeoutError(f"replica ranks {missing} were not ready within {timeout:.0f} s")
             time.sleep(0.05)
 
     def _run(self) -> None:
@@ -129,7 +134,7 @@ class Mailbox:
             if now >= next_beat:
                 for s in beats.values():
                     try:
-                        s.send_multipart([HEARTBEAT, me], zmq.NOBLOCK)
+                        s.send_multipart([HEARTBEAT, me, b"1" if self._ready else b"0"], zmq.NOBLOCK)
                     except zmq.Again:
                         pass
                 next_beat = now + HEARTBEAT_S
@@ -154,6 +159,8 @@ class Mailbox:
         kind, sender = msg[0].bytes, int(msg[1].bytes)
         self.last_heard[sender] = time.monotonic()
         if kind == HEARTBEAT:
+            if msg[2].bytes == b"1":
+                self.ready_peers.add(sender)
             return
         if kind == HIDDEN:
             self.hidden.put([time.monotonic_ns(), *msg[2:]])
@@ -168,7 +175,7 @@ class Mailbox:
                 continue
             heard = self.last_heard.get(peer)
             silent = now - (heard if heard is not None else self._started)
-            limit = PEER_TIMEOUT_S if heard is not None else STARTUP_TIMEOUT_S
+            limit = PEER_TIMEOUT_S if peer in self.ready_peers else STARTUP_TIMEOUT_S
             if silent > limit:
                 log.error("rank %d: replica rank %d (%s) silent for %.1f s: exiting", self.rank, peer,
                           self.layout.addresses[peer], silent)
