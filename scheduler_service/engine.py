@@ -246,6 +246,9 @@ class Engine:
 
 def run_engine(config: EngineConfig) -> None:
     """Process entry point. Reports a fatal error to the frontend instead of dying silently."""
+    from sarathi.lifecycle import exit_with_parent
+
+    exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     engine = Engine(config)
     try:

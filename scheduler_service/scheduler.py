@@ -28,6 +28,8 @@ class RequestUpdate:
     seq_id: int
     new_token_ids: list[int]
     finish_reason: FinishReason | None
+    # Arrival to first scheduling, sent with the request's first token only.
+    scheduling_delay_s: float | None = None
 
 
 class Scheduler:
@@ -113,7 +115,10 @@ class Scheduler:
             reason = request.check_stop()
             if reason is not None:
                 self._finish(request, reason)
-            updates.append(RequestUpdate(seq_id, [token], reason))
+            delay = None
+            if len(request.output_token_ids) == 1 and request.first_scheduled_time is not None:
+                delay = max(0.0, request.first_scheduled_time - request.arrival_time)
+            updates.append(RequestUpdate(seq_id, [token], reason, delay))
         return updates
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

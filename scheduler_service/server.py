@@ -166,6 +166,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                  if self.tokenizer is not None else None)
         finished = False
         completion = 0
+        scheduling_delay_ns = 0
         metrics = self.engine.metrics
         arrival = last = time.monotonic()
         try:
@@ -182,6 +183,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {msg.message}")
                 assert isinstance(msg, RequestUpdate)
                 completion += len(msg.new_token_ids)
+                if msg.scheduling_delay_s is not None:
+                    scheduling_delay_ns = int(msg.scheduling_delay_s * 1e9)
                 now = time.monotonic()
                 if completion == len(msg.new_token_ids):
                     metrics.ttft.observe(now - arrival)
@@ -205,7 +208,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         await self.engine.send(AbortRequest(seq_id))
                     tail = detok.flush() if detok is not None and reason is not FinishReason.STOP else ""
                     yield generation_pb2.GenerateResponse(finished=generation_pb2.Finished(
-                        reason=_FINISH[reason], text=tail,
+                        reason=_FINISH[reason], text=tail, scheduling_delay_ns=scheduling_delay_ns,
                         usage=generation_pb2.Usage(prompt_tokens=len(prompt_ids),
                                                    completion_tokens=completion)))
                     return
@@ -337,9 +340,14 @@ async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, m
                  info.num_kv_blocks, info.block_size, info.dtype, info.device)
         set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    start_failure: list[str] = []
+
     def on_failure(message: str) -> None:
         log.error("engine failed: %s", message)
         set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if engine.ready is None:  # it never served: nothing to report NOT_SERVING for, so exit
+            start_failure.append(message)
+            loop.create_task(server.stop(grace=0))
 
     reader = asyncio.create_task(engine.read_updates(on_ready, on_failure))
     watchdog = asyncio.create_task(_watch_engine(engine, on_failure))
@@ -350,6 +358,8 @@ async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, m
         watchdog.cancel()
         await server.stop(grace=1)
         engine.close()
+    if start_failure:
+        raise SystemExit(f"the engine failed before serving: {start_failure[0]}")
 
 
 async def _watch_engine(engine: EngineClient, on_failure) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -36,9 +37,11 @@ def test_streamed_text_deltas_add_up_to_the_decoded_tokens(default_server, hf_mo
 
 
 def test_max_tokens_ends_with_length(default_server):
+    start = time.monotonic()
     tokens, _, finished = collect(default_server.stub().Generate(
         text_request("Once upon a time", max_tokens=7, ignore_eos=True)))
     assert len(tokens) == 7 and finished.reason == pb.FINISH_REASON_LENGTH
+    assert 0 < finished.scheduling_delay_ns < (time.monotonic() - start) * 1e9
 
 
 def test_stop_string_ends_generation_before_it(default_server):

@@ -104,3 +104,12 @@ def test_generated_protobuf_code_matches_the_protos():
     out = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_serve_exits_with_an_error_when_the_engine_cannot_start():
+    # A KV cache of zero blocks can hold nothing: the engine fails before serving.
+    out = subprocess.run([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(free_port()),
+                          "--num-kv-blocks", "0", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "the engine failed before serving" in out.stderr
