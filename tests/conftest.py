@@ -54,8 +54,10 @@ class RunningServer:
 
 def start_server(*args: str, timeout: float = 300) -> RunningServer:
     port, metrics_port = free_port(), free_port()
+    # A small KV cache (about 5,800 tokens): enough for every test, and several servers fit in
+    # the 24 GiB of a CI machine at once.
     cmd = [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
-           "--metrics-port", str(metrics_port), "--threads", "2", *args]
+           "--metrics-port", str(metrics_port), "--threads", "2", "--cpu-cache-gib", "0.25", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     server = RunningServer(f"127.0.0.1:{port}", metrics_port, proc)
     try:
@@ -66,8 +68,9 @@ def start_server(*args: str, timeout: float = 300) -> RunningServer:
     return server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def server_factory() -> Iterator:
+    """Servers for one test, stopped when it ends (each holds a model and a KV cache)."""
     started: list[RunningServer] = []
 
     def factory(*args: str) -> RunningServer:
@@ -81,15 +84,19 @@ def server_factory() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def default_server(server_factory) -> RunningServer:
+def default_server() -> Iterator[RunningServer]:
     """The embedded model with a small chunk size, shared by tests that only read from it."""
-    return server_factory("--chunk-size", "64")
+    server = start_server("--chunk-size", "64")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
-def small_cache_server(server_factory) -> RunningServer:
+def small_cache_server() -> Iterator[RunningServer]:
     """48 blocks of 16 tokens: too small for the exactness prompts at once."""
-    return server_factory("--chunk-size", "64", "--num-kv-blocks", "48")
+    server = start_server("--chunk-size", "64", "--num-kv-blocks", "48")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
