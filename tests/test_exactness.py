@@ -28,10 +28,25 @@ def run_concurrently(server, prompts: list[list[int]], max_tokens: int) -> list[
     return [tokens for tokens, _, _ in results]
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64, 512])
-def test_concurrent_greedy_tokens_equal_transformers_generate(chunk_size, server_factory, default_server,
+# Sarathi at three chunk sizes; every other policy at one setting, to keep the suite short.
+POLICY_SETTINGS = {
+    "sarathi-16": ("--chunk-size", "16"),
+    "sarathi-64": None,  # the shared default server
+    "sarathi-512": ("--chunk-size", "512"),
+    "sarathi_dynamic": ("--policy", "sarathi_dynamic", "--chunk-size", "512",
+                        "--target-iteration-ms", "8"),
+    "vllm": ("--policy", "vllm", "--chunk-size", "512"),
+    "orca": ("--policy", "orca", "--chunk-size", "256"),
+    "faster_transformer": ("--policy", "faster_transformer", "--chunk-size", "512"),
+    "simple_chunking": ("--policy", "simple_chunking", "--chunk-size", "64"),
+}
+
+
+@pytest.mark.parametrize("setting", list(POLICY_SETTINGS))
+def test_concurrent_greedy_tokens_equal_transformers_generate(setting, server_factory, default_server,
                                                              prompts, references):
-    server = default_server if chunk_size == 64 else server_factory("--chunk-size", str(chunk_size))
+    args = POLICY_SETTINGS[setting]
+    server = default_server if args is None else server_factory(*args)
     got = run_concurrently(server, prompts, NEW_TOKENS)
     for length, tokens, expected in zip(PROMPT_LENGTHS, got, references, strict=True):
         assert tokens == expected, f"prompt of {length} tokens diverged"
