@@ -113,7 +113,11 @@ def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dty
     if rank != 0:
         signal.signal(signal.SIGTERM, lambda *_: exit_now(0))
         r.mailbox.wait_for_peers(timeout=900)
-        follow(r)
+        try:
+            follow(r)
+        except BaseException:  # noqa: BLE001 - a broken collective or handoff: the replica is done
+            log.exception("rank %d failed", rank)
+            exit_now(5)        # not a normal exit: gloo's teardown could wait on dead peers
         exit_now(0)
     r.mailbox.wait_for_peers(timeout=900)
     driver = ReplicaDriver(r)
