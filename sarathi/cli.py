@@ -104,6 +104,8 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--watermark", type=float, default=0.01,
                    help="share of KV blocks that admitting new requests leaves free for running "
                         "ones (default: 0.01)")
+    g.add_argument("--num-host-kv-blocks", type=int, default=0,
+                   help="host-memory KV blocks for preemption by swapping (default 0: recompute)")
     g.add_argument("--prefix-caching", action="store_true",
                    help="reuse the KV of full blocks shared with earlier prompts (default: off)")
     g.add_argument("--max-batch-size", type=int, default=128, help="most sequences per iteration")
@@ -135,7 +137,8 @@ def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None
                                    max_batch_size=min(args.max_batch_size, args.chunk_size),
                                    target_iteration_ms=args.target_iteration_ms,
                                    min_chunk_size=args.min_chunk_size),
-        cache=CacheConfig(watermark=args.watermark, prefix_caching=args.prefix_caching),
+        cache=CacheConfig(watermark=args.watermark, prefix_caching=args.prefix_caching,
+                            num_host_blocks=args.num_host_kv_blocks),
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         memory_fraction=args.memory_fraction, overlap=args.overlap)
     try:

@@ -143,7 +143,7 @@ class Engine:
         if num_blocks < 1:
             raise RuntimeError("the worker has no memory left for a KV cache: lower the model size "
                                "or raise --memory-fraction")
-        self.link.init_cache(num_blocks, cfg.block_size)
+        self.link.init_cache(num_blocks, cfg.block_size, cfg.cache.num_host_blocks)
         policy = make_policy(cfg.policy, cfg.policy_config)
         self.scheduler = Scheduler(policy, make_block_manager(num_blocks, cfg.block_size, cfg.cache))
         self.out.send_pyobj(EngineReady(
@@ -200,7 +200,14 @@ class Engine:
             num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
             kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,
             preemptions_total=self.preemptions_total, iteration_s=record.duration_s,
-            num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens)))
+            num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens,
+            **self._prefix_stats())))
+
+    def _prefix_stats(self) -> dict[str, int]:
+        stats = getattr(self.scheduler.blocks, "prefix_stats", None) if self.scheduler else None
+        if stats is None:
+            return {}
+        return {"prefix_cache_query_tokens": stats.query_tokens, "prefix_cache_hit_tokens": stats.hit_tokens}
 
     def _record(self, plan: BatchPlan, start: float, schedule_s: float) -> IterationRecord:
         sched = self.scheduler

@@ -27,6 +27,8 @@ class EngineStats:
     iteration_s: float
     num_prefill_tokens: int
     num_decode_tokens: int
+    prefix_cache_query_tokens: int = 0   # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0     # of which found (not recomputed)
 
 
 class ServerMetrics:
@@ -46,6 +48,10 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tbt = Histogram("sarathi_time_between_tokens_seconds", "Gap between streamed tokens",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefix_query = Gauge("sarathi_prefix_cache_query_tokens_total",
+                                  "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hit = Gauge("sarathi_prefix_cache_hit_tokens_total",
+                                "Prompt tokens found in the prefix cache", registry=r)
         self.finished = Counter("sarathi_requests_finished", "Requests ended, by reason", ["reason"],
                                 registry=r)
 
@@ -59,6 +65,8 @@ class ServerMetrics:
         if s.num_prefill_tokens or s.num_decode_tokens:
             self.iteration.observe(s.iteration_s)
         self.prefill_tokens.inc(s.num_prefill_tokens)
+        self.prefix_query.set(s.prefix_cache_query_tokens)
+        self.prefix_hit.set(s.prefix_cache_hit_tokens)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

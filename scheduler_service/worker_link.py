@@ -36,9 +36,9 @@ class WorkerLink:
         return self._call(self._stub.Describe, worker_pb2.DescribeRequest(
             block_size=block_size, memory_fraction=memory_fraction))
 
-    def init_cache(self, num_blocks: int, block_size: int) -> int:
+    def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
         resp = self._call(self._stub.InitCache, worker_pb2.InitCacheRequest(
-            num_blocks=num_blocks, block_size=block_size))
+            num_blocks=num_blocks, block_size=block_size, num_host_blocks=num_host_blocks))
         self._open_stream()
         return resp.cache_bytes
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from conftest import collect, greedy_request, hf_greedy
 
 NEW_TOKENS = 16
@@ -21,3 +23,18 @@ def test_a_request_sharing_a_256_token_prefix_prefills_only_the_rest_with_exact_
     assert prefilled == len(second) - 256, "the cached prefix was computed again"
     assert got_first == hf_greedy(hf_model, first, NEW_TOKENS)
     assert got_second == hf_greedy(hf_model, second, NEW_TOKENS)
+    metrics = server.metrics()
+    assert metrics["sarathi_prefix_cache_hit_tokens_total"] >= 256
+    assert metrics["sarathi_prefix_cache_query_tokens_total"] >= len(first) + len(second) - 2
+
+
+def test_preemption_by_swapping_to_host_memory_keeps_tokens_exact(server_factory, hf_model, long_token_ids):
+    # 48 device blocks cannot hold these four requests at once; 200 host blocks take the evicted KV.
+    server = server_factory("--chunk-size", "64", "--num-kv-blocks", "48", "--num-host-kv-blocks", "200")
+    prompts = [long_token_ids[9 * i: 9 * i + n] for i, n in enumerate([150, 200, 240, 300])]
+    stub = server.stub()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: collect(stub.Generate(greedy_request(p, NEW_TOKENS)))[0], prompts))
+    assert server.metrics()["sarathi_preemptions_total"] > 0, "the cache was meant to be too small"
+    assert got == [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
+    assert server.metrics()["sarathi_kv_blocks_used"] == 0

@@ -15,6 +15,7 @@ import torch
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
 from worker_service.attention import AttentionMetadata
 from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
+from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
 
@@ -69,6 +70,7 @@ class ModelRunner:
         self.block_size = 0
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
+        self.host_cache: HostKVCache | None = None
         self.seqs: dict[int, SequenceState] = {}
         self.generator = torch.Generator(device=device).manual_seed(0)
 
@@ -78,7 +80,8 @@ class ModelRunner:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * elem
 
-    def init_cache(self, num_blocks: int, block_size: int) -> int:
+    def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
+        """Allocates the paged KV cache, and a host cache of num_host_blocks for swapping."""
         c = self.config
         self.kv_caches = []  # free the old cache (and graphs that point into it) first
         self.graphs = None
@@ -88,6 +91,7 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.host_cache = HostKVCache(num_host_blocks, self.kv_caches) if num_host_blocks else None
         self.seqs.clear()
         if self.use_cuda_graphs:
             max_blocks = -(-c.max_model_len // block_size)
@@ -143,6 +147,10 @@ class ModelRunner:
         t0 = time.perf_counter_ns()
         if not self.kv_caches:
             raise PlanError("Step before InitCache: allocate the KV cache first")
+        try:
+            apply_swaps(self.host_cache, self.kv_caches, plan)
+        except SwapError as e:
+            raise PlanError(str(e)) from e
         self._apply_membership(plan)
         batch = self._prepare(plan)
         t1 = time.perf_counter_ns()
@@ -176,7 +184,7 @@ class ModelRunner:
                 raise PlanError(f"sequence {new.seq_id}: {new.num_prompt_tokens} prompt tokens "
                                 f"of {len(new.token_ids)}")
             # A prefix-cache hit arrives with its leading tokens' KV already in the block table.
-            cached = getattr(new, "num_computed_tokens", 0)
+            cached = new.num_computed_tokens
             if not 0 <= cached < len(new.token_ids) or cached > len(new.block_table) * self.block_size:
                 raise PlanError(f"sequence {new.seq_id}: {cached} cached tokens of "
                                 f"{len(new.token_ids)}, {len(new.block_table)} blocks")

@@ -57,7 +57,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if request.num_blocks < 1 or request.block_size < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be >= 1")
         with self._stream_lock:
-            cache_bytes = self.runner.init_cache(request.num_blocks, request.block_size)
+            cache_bytes = self.runner.init_cache(request.num_blocks, request.block_size,
+                                                 request.num_host_blocks)
         return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
 
     def Step(self, request_iterator: Iterator[worker_pb2.BatchPlan],

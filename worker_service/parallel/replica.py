@@ -159,7 +159,10 @@ class ReplicaDriver:
         return max(rank_bytes_per_block(self.layout, self.config, k, block_size, self.dtype)
                    for k in range(self.layout.world_size))
 
-    def init_cache(self, num_blocks: int, block_size: int) -> int:
+    def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
+        if num_host_blocks:
+            raise ValueError("swapping to host memory is not supported by parallel replicas yet: "
+                             "drop --num-host-kv-blocks")
         self.r.outbox.broadcast(INIT, str(num_blocks).encode(), str(block_size).encode())
         self.runner.init_cache(num_blocks, block_size)
         return num_blocks * sum(rank_bytes_per_block(self.layout, self.config, k, block_size, self.dtype)
