@@ -108,6 +108,10 @@ class IterationRecord:
     worker_sample_ns: int = 0
     worker_idle_ns: int = 0       # the worker waited this long for the plan: the gap to remove
 
+    @property
+    def seq_ids(self) -> list[int]:
+        return self.decode_seq_ids + self.prefill_seq_ids
+
 
 @dataclass
 class _InFlight:
@@ -132,6 +136,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.trace: deque[IterationRecord] = deque(maxlen=config.trace_length)
         self.preemptions_total = 0
+        self.pipeline_depth = 1
 
     def start(self) -> None:
         cfg = self.config
@@ -144,6 +149,7 @@ class Engine:
             raise RuntimeError("the worker has no memory left for a KV cache: lower the model size "
                                "or raise --memory-fraction")
         self.link.init_cache(num_blocks, cfg.block_size, cfg.cache.num_host_blocks)
+        self.pipeline_depth = max(1, info.pipeline_parallel_size)
         policy = make_policy(cfg.policy, cfg.policy_config)
         self.scheduler = Scheduler(policy, make_block_manager(num_blocks, cfg.block_size, cfg.cache))
         self.out.send_pyobj(EngineReady(
@@ -156,12 +162,16 @@ class Engine:
         (its decodes refer to tokens not yet received); results are then read in order."""
         sched = self.scheduler
         assert sched is not None
-        depth = 2 if self.config.overlap else 1
+        # A pipeline of P stages runs P micro-batches of disjoint sequences at once; one stage
+        # runs plan N+1 (sharing sequences with plan N) right after plan N when overlapping.
+        pipelined = self.pipeline_depth > 1
+        depth = max(2 if self.config.overlap else 1, self.pipeline_depth)
         in_flight: deque[_InFlight] = deque()
         while True:
             self._drain_commands(block=not sched.has_work() and not in_flight)
             if sched.has_work() and len(in_flight) < depth:
-                sent = self._schedule_and_send()
+                busy = frozenset(s for f in in_flight for s in f.record.seq_ids) if pipelined else frozenset()
+                sent = self._schedule_and_send(busy)
                 if sent is not None:
                     in_flight.append(sent)
                     if len(in_flight) < depth:
@@ -169,11 +179,11 @@ class Engine:
             if in_flight:
                 self._receive(in_flight.popleft())
 
-    def _schedule_and_send(self) -> _InFlight | None:
+    def _schedule_and_send(self, busy: frozenset[int]) -> _InFlight | None:
         sched = self.scheduler
         assert sched is not None
         start = time.monotonic()
-        plan = sched.schedule()
+        plan = sched.schedule(busy)
         if plan.is_empty:
             return None
         scheduled = time.monotonic()

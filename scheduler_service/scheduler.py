@@ -9,7 +9,7 @@ appends tokens, runs stop checks, frees finished requests. No I/O here: the engi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protos.batch_plan import BatchPlan, NewSequence, StepOutput
 from scheduler_service.block_manager import BlockManager
@@ -67,8 +67,10 @@ class Scheduler:
         self._finish(request, FinishReason.ABORT)
         return True
 
-    def schedule(self) -> BatchPlan:
-        out = self.policy.schedule(self.state)
+    def schedule(self, busy: frozenset[int] = frozenset()) -> BatchPlan:
+        """busy: sequences in micro-batches still in flight in a pipeline; they are neither
+        scheduled nor preempted (a sequence is never in two micro-batches)."""
+        out = self._schedule_around(busy) if busy else self.policy.schedule(self.state)
         self.last_schedule = out
         plan = BatchPlan(step_id=self._next_step_id, dropped_seq_ids=self._pending_drops)
         self._pending_drops = []
@@ -102,6 +104,17 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         return plan
+
+    def _schedule_around(self, busy: frozenset[int]):
+        """Runs the policy on a view of the state without the busy sequences, then puts them
+        back in their admission order (ahead of anything admitted now)."""
+        running = self.state.running
+        view = replace(self.state, running=[r for r in running if r.seq_id not in busy])
+        out = self.policy.schedule(view)
+        kept = {id(r) for r in view.running}
+        self.state.running = [r for r in running if r.seq_id in busy or id(r) in kept] + \
+            [r for r in view.running if all(r is not old for old in running)]
+        return out
 
     def update(self, output: StepOutput) -> list[RequestUpdate]:
         updates = []

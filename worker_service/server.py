@@ -51,7 +51,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_layers=c.num_layers, vocab_size=c.vocab_size, max_model_len=c.max_model_len,
             eos_token_ids=list(c.eos_token_ids), weight_bytes=self.weight_bytes,
             free_memory_bytes=free, bytes_per_block=per_block,
-            num_blocks_available=budget // per_block)
+            num_blocks_available=budget // per_block,
+            # A parallel replica's driver runs up to `depth` micro-batches; one runner runs one.
+            pipeline_parallel_size=getattr(self.runner, "depth", 1))
 
     def InitCache(self, request, context):
         if request.num_blocks < 1 or request.block_size < 1:
