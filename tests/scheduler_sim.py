@@ -38,3 +38,14 @@ def simulated_output(scheduler: Scheduler, plan: BatchPlan, token: int = 3) -> S
 def step(scheduler: Scheduler) -> tuple[BatchPlan, list[RequestUpdate]]:
     plan = scheduler.schedule()
     return plan, scheduler.update(simulated_output(scheduler, plan))
+
+
+def run_to_end(scheduler: Scheduler, limit: int = 5000) -> list[BatchPlan]:
+    """Steps until nothing is left to do; the plans, in order. Fails if that takes too long."""
+    plans = []
+    for _ in range(limit):
+        if not scheduler.has_work():
+            return plans
+        plan, _ = step(scheduler)
+        plans.append(plan)
+    raise AssertionError("the scheduler did not finish")

@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scheduler_sim import make_request, make_scheduler, step
+from scheduler_sim import make_request, make_scheduler, run_to_end, step
 
 from protos.batch_plan import BatchPlan
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
-
-
-def run_collecting(sched, limit: int = 2000) -> list[BatchPlan]:
-    plans = []
-    for _ in range(limit):
-        if not sched.has_work():
-            return plans
-        plan, _ = step(sched)
-        plans.append(plan)
-    raise AssertionError("the scheduler did not finish")
 
 
 def test_a_preempted_request_is_swapped_out_and_comes_back_without_recomputing():
@@ -27,7 +17,7 @@ def test_a_preempted_request_is_swapped_out_and_comes_back_without_recomputing()
                            num_host_blocks=8)
     for i in range(3):
         sched.add(make_request(i, prompt_len=8, max_tokens=8))
-    plans = run_collecting(sched)
+    plans = run_to_end(sched)
     out = next(p for p in plans if p.swap_out_device_blocks)
     victim = out.dropped_seq_ids[0]
     back = next(p for p in plans if any(s.seq_id == victim for s in p.new_sequences
@@ -46,7 +36,7 @@ def test_preemption_falls_back_to_recompute_when_host_blocks_run_out():
                            num_host_blocks=1)
     for i in range(3):
         sched.add(make_request(i, prompt_len=8, max_tokens=8))
-    plans = run_collecting(sched)
+    plans = run_to_end(sched)
     assert not any(p.swap_out_device_blocks for p in plans)
     assert any(p.dropped_seq_ids for p in plans), "requests were preempted by recompute"
 

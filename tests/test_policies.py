@@ -4,7 +4,7 @@ scheduler, real block manager, a simulated worker)."""
 from __future__ import annotations
 
 import pytest
-from scheduler_sim import make_request, make_scheduler, step
+from scheduler_sim import make_request, make_scheduler, run_to_end, step
 
 from scheduler_service.policies import POLICIES
 
@@ -19,16 +19,6 @@ def run_until_decoding(sched, seq_ids) -> None:
             return
         step(sched)
     raise AssertionError("the requests never reached their decode phase")
-
-
-def run_to_end(sched, limit: int = 5000) -> list:
-    plans = []
-    for _ in range(limit):
-        if not sched.has_work():
-            return plans
-        plan, _ = step(sched)
-        plans.append(plan)
-    raise AssertionError("the scheduler did not finish")
 
 
 # --- vllm -------------------------------------------------------------------------------------
