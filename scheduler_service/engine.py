@@ -141,7 +141,7 @@ class Engine:
     def start(self) -> None:
         cfg = self.config
         self.link.wait_ready(cfg.worker_timeout_s)
-        info = self.link.describe(cfg.block_size, cfg.memory_fraction)
+        info = self.link.describe(cfg.block_size, cfg.memory_fraction, cfg.policy_config.token_budget)
         num_blocks = info.num_blocks_available
         if cfg.num_kv_blocks is not None:
             num_blocks = min(num_blocks, cfg.num_kv_blocks) if num_blocks else cfg.num_kv_blocks

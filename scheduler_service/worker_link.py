@@ -32,9 +32,11 @@ class WorkerLink:
         except grpc.FutureTimeoutError:
             raise WorkerUnavailable(f"no worker answered at {self.address} within {timeout:.0f} s") from None
 
-    def describe(self, block_size: int, memory_fraction: float) -> worker_pb2.DescribeResponse:
+    def describe(self, block_size: int, memory_fraction: float,
+                 max_num_batched_tokens: int) -> worker_pb2.DescribeResponse:
         return self._call(self._stub.Describe, worker_pb2.DescribeRequest(
-            block_size=block_size, memory_fraction=memory_fraction))
+            block_size=block_size, memory_fraction=memory_fraction,
+            max_num_batched_tokens=max_num_batched_tokens))
 
     def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
         resp = self._call(self._stub.InitCache, worker_pb2.InitCacheRequest(

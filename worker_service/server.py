@@ -42,9 +42,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         fraction = request.memory_fraction or 0.9
         c = self.runner.config
         free = free_memory_bytes(self.runner.device)
-        budget = int(free * fraction)
-        if self.runner.device.type == "cpu":
-            budget = min(budget, self.cpu_cache_limit)
+        if self.runner.device.type == "cuda" and hasattr(self.runner, "profile_free_memory"):
+            # Run a worst-case iteration first: activations and CUDA graphs need room too.
+            budget = self.runner.profile_free_memory(request.max_num_batched_tokens or 8192, fraction)
+        else:
+            budget = min(int(free * fraction), self.cpu_cache_limit)
         per_block = self.runner.bytes_per_block(block_size)
         return worker_pb2.DescribeResponse(
             model=c.name, device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),
