@@ -42,8 +42,14 @@ def test_bench_on_the_embedded_model_writes_sensible_results(local_server, tmp_p
     # The server's own counters, sampled during the run, saw it work.
     totals = document["server_metrics"]["run_totals"]
     assert totals["generated_tokens"] > 0 and totals["iterations"] > 0 and totals["mean_iteration_s"] > 0
-    for name in ("cpu_ttft_cdf.png", "cpu_tbt_cdf.png", "cpu_timeline.png"):
+    for name in ("cpu_ttft_cdf.png", "cpu_tbt_cdf.png", "cpu_timeline.png", "cpu_iterations.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    # The scheduler's own trace covers the run: every generated token came from some iteration.
+    iterations = json.loads((tmp_path / "cpu_iterations.json").read_text())
+    decode_tokens = sum(it["num_decode_tokens"] for it in iterations)
+    generated = sum(r["num_output_tokens"] for r in document["requests"])
+    assert 0 < decode_tokens <= generated  # each request's first token comes from its prefill
+    assert all(it["duration_s"] > 0 for it in iterations)
 
 
 def test_capacity_search_against_a_running_server_prints_the_policy_table(local_server, tmp_path, capsys):

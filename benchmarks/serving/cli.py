@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from dataclasses import asdict, replace
 
@@ -29,7 +30,8 @@ from benchmarks.serving.cli_common import (
     throughput_line,
     workload_config,
 )
-from benchmarks.serving.report import write_run_report
+from benchmarks.serving.iteration_trace import as_rows, iterations_since, last_step_id, plot_iterations
+from benchmarks.serving.report import file_stem, write_run_report
 from benchmarks.serving.server_process import ServerStartError
 from benchmarks.serving.slo import Slo
 from benchmarks.serving.workload import build_workload
@@ -62,6 +64,7 @@ def main_bench(argv: list[str] | None = None) -> int:
     with server_endpoint(args, args.policy, out_dir) as endpoint:
         console.print(f"[bold]bench[/] {label}: {len(specs)} requests against {endpoint.address}")
         asyncio.run(warm_up(endpoint.address, args.warmup, options))
+        first_step = asyncio.run(last_step_id(endpoint.address))
         bench = run_bench(
             endpoint.address,
             specs,
@@ -72,6 +75,7 @@ def main_bench(argv: list[str] | None = None) -> int:
             metrics_url=endpoint.metrics_url,
         )
         result = asyncio.run(bench)
+        iterations = [] if first_step is None else asyncio.run(iterations_since(endpoint.address, first_step))
     metadata = {
         "command": ["sarathi", "bench", *(argv if argv is not None else sys.argv[1:])],
         "workload": asdict(config),
@@ -85,7 +89,13 @@ def main_bench(argv: list[str] | None = None) -> int:
     console.print(throughput_line(result.summary))
     if result.server_metrics is not None:
         console.print(server_line(result.server_metrics))
-    console.print("wrote " + ", ".join(str(p) for p in files.paths()))
+    written = files.paths()
+    if iterations:  # the scheduler's own trace: iteration time and batch make-up
+        stem = out_dir / f"{file_stem(label)}_iterations"
+        stem.with_suffix(".json").write_text(json.dumps(as_rows(iterations), indent=1) + "\n")
+        plot_iterations(iterations, f"Iterations: {label}", stem.with_suffix(".png"))
+        written += [stem.with_suffix(".json"), stem.with_suffix(".png")]
+    console.print("wrote " + ", ".join(str(p) for p in written))
     return 0 if result.summary.num_failed == 0 else 1
 
 
