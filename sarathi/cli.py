@@ -165,9 +165,9 @@ def run_serve(args: argparse.Namespace) -> None:
     if world > 1:  # the whole replica on this host: rank 0 serves gRPC, the others follow it
         cmd += ["--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
                 "--dist-init", f"127.0.0.1:{free_port()}"]
-    from sarathi.lifecycle import exit_with_parent
+    from sarathi.lifecycle import dies_with_this_process
 
-    workers = [subprocess.Popen(cmd + ["--rank", str(rank)], preexec_fn=exit_with_parent)
+    workers = [subprocess.Popen(cmd + ["--rank", str(rank)], preexec_fn=dies_with_this_process())
                for rank in range(world)]
 
     def stop_worker(*_):

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
 
-def exit_with_parent() -> None:
-    """Call in the child (or as Popen's preexec_fn): SIGTERM arrives when the parent dies."""
+def exit_with_parent(parent_pid: int) -> None:
+    """Call in the child: SIGTERM arrives when parent_pid (the process that started it) dies.
+    The parent's pid is passed in rather than compared with 1, since in a container the parent
+    may well be process 1."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent already died before prctl took effect
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def dies_with_this_process() -> Callable[[], None]:
+    """A Popen preexec_fn that ties the child to the calling process."""
+    return functools.partial(exit_with_parent, os.getpid())

@@ -261,11 +261,11 @@ class Engine:
             self.out.send_pyobj(Trace(list(self.trace)))
 
 
-def run_engine(config: EngineConfig) -> None:
+def run_engine(config: EngineConfig, parent_pid: int) -> None:
     """Process entry point. Reports a fatal error to the frontend instead of dying silently."""
     from sarathi.lifecycle import exit_with_parent
 
-    exit_with_parent()
+    exit_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     engine = Engine(config)
     try:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class EngineClient:
         self.ready_event = asyncio.Event()
         self._trace_waiters: list[asyncio.Future] = []
         self.process = multiprocessing.get_context("spawn").Process(
-            target=run_engine, args=(self.config,), name="sarathi-engine", daemon=True)
+            target=run_engine, args=(self.config, os.getpid()), name="sarathi-engine", daemon=True)
 
     def start(self) -> None:
         self.process.start()

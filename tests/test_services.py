@@ -113,3 +113,20 @@ def test_serve_exits_with_an_error_when_the_engine_cannot_start():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "the engine failed before serving" in out.stderr
+
+
+def test_killing_serve_outright_leaves_no_worker_or_engine_behind():
+    import psutil
+
+    port = free_port()
+    serve = spawn("serve", "--port", str(port), "--threads", "1", "--cpu-cache-gib", "0.25")
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=120, proc=serve)
+        children = psutil.Process(serve.pid).children(recursive=True)
+        assert len(children) >= 2  # the worker and the engine (and helpers)
+        serve.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel must do it
+        serve.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"left behind: {[p.cmdline()[:4] for p in alive]}"
+    finally:
+        kill(serve, signal.SIGKILL)
