@@ -17,6 +17,7 @@ import pytest
 
 from protos import generation_pb2, generation_pb2_grpc
 from sarathi.cli import free_port, wait_serving
+from sarathi.lifecycle import dies_with_this_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +59,9 @@ def start_server(*args: str, timeout: float = 300) -> RunningServer:
     # the 24 GiB of a CI machine at once.
     cmd = [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
            "--metrics-port", str(metrics_port), "--threads", "2", "--cpu-cache-gib", "0.25", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    # Its own process group (stop() signals it whole), and it dies with pytest even if pytest is
+    # killed before teardown.
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, preexec_fn=dies_with_this_process())
     server = RunningServer(f"127.0.0.1:{port}", metrics_port, proc)
     try:
         wait_serving(server.address, timeout, proc)

@@ -20,6 +20,8 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sarathi.lifecycle import dies_with_this_process
+
 HEALTH_POLL_S = 0.5
 STOP_GRACE_S = 15.0
 
@@ -126,6 +128,7 @@ class LocalServer:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.launch.env},
             start_new_session=True,  # its own process group, so stopping reaches the worker too
+            preexec_fn=dies_with_this_process(),  # and it never outlives this process
         )
         log.close()
         try:
