@@ -58,10 +58,6 @@ class WorkerLink:
         except StopIteration:
             raise WorkerUnavailable(f"worker {self.address} closed the step stream") from None
 
-    def step(self, plan: BatchPlan) -> StepOutput:
-        self.send(plan)
-        return self.receive()
-
     def close(self) -> None:
         if self._plans is not None:
             self._plans.put(None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sarathi.cli import free_port
 from sarathi.lifecycle import dies_with_this_process
 
 HEALTH_POLL_S = 0.5
@@ -56,12 +56,6 @@ def sarathi_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "sarathi.cli"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerStartError(RuntimeError):
