@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -163,13 +164,33 @@ def prefill_flops(config, tokens: int) -> float:
     return 2 * matmul_params(config) * tokens + attention + 2 * c.hidden_size * c.vocab_size
 
 
-def bench_decode(driver: Driver, batch: int, steps: int) -> float:
+@dataclass
+class DecodeTimes:
+    served: float   # steady state with step i+1 launched before step i's tokens are read
+    alone: float    # one step by itself: launch, then wait for its tokens
+    device: float   # the device's own time per step (CUDA events around the step)
+
+
+def bench_decode(driver: Driver, batch: int, steps: int) -> DecodeTimes:
     sids = driver.prefill([CONTEXT] * batch)
     for _ in range(3):
         driver.decode_step(sids)
-    times = [driver.decode_step(sids) for _ in range(steps)]
+    alone = [driver.decode_step(sids) for _ in range(steps)]
+    # As the worker serves: the host prepares and launches step i+1 while the GPU runs step i.
+    runner = driver.runner
+    device: list[float] = []
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    previous = None
+    for _ in range(steps):
+        step = runner.launch(driver.plan([], [(sid, 1) for sid in sids]))
+        if previous is not None:
+            device.append(runner.finish(previous).timings.device_ns / 1e9)
+        previous = step
+    device.append(runner.finish(previous).timings.device_ns / 1e9)
+    served = (time.perf_counter() - t) / steps
     driver.drop_all()
-    return statistics.median(times)
+    return DecodeTimes(served, statistics.median(alone), statistics.median(device))
 
 
 def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
@@ -259,19 +280,21 @@ def main() -> None:
 
     decode = {}
     for b in DECODE_BATCHES:
-        step = bench_decode(driver, b, args.steps)
+        times = bench_decode(driver, b, args.steps)
         floor = (weights + kv_bytes(config, b * CONTEXT)) / bw
-        decode[b] = step
-        rows.append((f"decode step, batch {b}, context {CONTEXT}", f"{step * 1e3:.2f} ms",
+        decode[b] = step = times.served
+        rows.append((f"decode step, batch {b}, context {CONTEXT}",
+                     f"{step * 1e3:.2f} ms (alone {times.alone * 1e3:.2f}, GPU {times.device * 1e3:.2f})",
                      f"{floor * 1e3:.2f} ms", f"{step / floor:.2f}x floor"))
+        results[f"decode_{b}"] = vars(times)
     results["decode_s"] = decode
     if runner.graphs is not None:  # the same steps without graphs, to show what graphs buy
         graphs, runner.graphs = runner.graphs, None
         for b in (1, 64):
-            step = bench_decode(driver, b, args.steps)
-            rows.append((f"decode step, batch {b}, eager (no CUDA graph)", f"{step * 1e3:.2f} ms",
-                         "", ""))
-            results[f"decode_eager_{b}"] = step
+            times = bench_decode(driver, b, args.steps)
+            rows.append((f"decode step, batch {b}, eager (no CUDA graph)",
+                         f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})", "", ""))
+            results[f"decode_eager_{b}"] = vars(times)
         runner.graphs = graphs
 
     for n in (512, 2048, 8192):

@@ -3,9 +3,12 @@ overlapped scheduling, measured end to end through the real gRPC services.
 
 For each batch size it starts `sarathi serve`, runs that many concurrent requests (fixed prompt
 and output lengths, ignore_eos), reads the per-iteration trace over the Operator API and prints
-one table: decode-only iterations' worker time (prepare + forward + sample), the worker's idle
-gap before each plan, that gap as a share of the iteration, and the time between tokens that
-clients saw. A hybrid row adds a stream of long prompts beside the decodes.
+one table: decode-only iterations' device time, the device's idle gap before each step (CUDA
+events on a GPU: from the end of the previous step to the start of this one's model), that gap
+as a share of device time plus gaps, and the time between tokens that clients saw. A hybrid row
+adds a stream of long prompts beside the decodes. With overlap the engine keeps two plans in
+the worker and the worker prepares step i+1 while the device runs step i; without it, each
+plan waits for the previous result.
 
   python -m benchmarks.step_overhead --model dummy:llama3-8b --device cuda --batches 1 32 128
   python -m benchmarks.step_overhead --batches 1 8          # the embedded model on the CPU
@@ -33,8 +36,8 @@ class Row:
     workload: str
     overlap: bool
     iterations: int
-    busy_ms: float        # worker prepare + forward + sample, median over decode-only steps
-    idle_ms: float        # the worker's wait for the plan, median
+    busy_ms: float        # the step's device time, median
+    idle_ms: float        # the device's idle gap before the step, median
     idle_share: float     # sum(idle) / sum(idle + busy), decode-only steps
     tbt_ms: float         # median gap between streamed tokens, as clients saw it
 
@@ -66,7 +69,7 @@ def measure(address: str, batch: int, prompt_len: int, out_len: int, hybrid: boo
 def summarize(workload: str, overlap: bool, steps, gaps: list[float], hybrid: bool) -> Row:
     chosen = [s for s in steps if (s.num_prefill_tokens > 0) == hybrid and s.num_decode_tokens > 0]
     chosen = chosen[1:] or chosen  # the first step has no predecessor to be idle after
-    busy = [(s.worker_prepare_ns + s.worker_forward_ns + s.worker_sample_ns) / 1e6 for s in chosen]
+    busy = [s.worker_device_ns / 1e6 for s in chosen]
     idle = [s.worker_idle_ns / 1e6 for s in chosen]
     share = sum(idle) / max(1e-9, sum(idle) + sum(busy))
     return Row(workload, overlap, len(chosen), statistics.median(busy or [0]), statistics.median(idle or [0]),
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(summarize(f"hybrid, batch {batch} + 2048-token prompts", overlap, steps, gaps, True))
     table = Table(title=f"Device idle between iterations ({args.model or 'embedded SmolLM2'}, "
                         f"{args.device or 'default device'})")
-    for col in ("workload", "overlap", "iterations", "worker busy ms", "idle ms", "idle %", "client TBT ms"):
+    for col in ("workload", "overlap", "iterations", "device ms", "idle ms", "idle %", "client TBT ms"):
         table.add_column(col, justify="right")
     for r in sorted(rows, key=lambda r: (r.workload, not r.overlap)):
         table.add_row(r.workload, "on" if r.overlap else "off", str(r.iterations), f"{r.busy_ms:.2f}",

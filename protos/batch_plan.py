@@ -130,6 +130,7 @@ class StepTimings:
     forward_ns: int = 0
     sample_ns: int = 0
     idle_ns: int = 0
+    device_ns: int = 0
 
 
 @dataclass
@@ -145,10 +146,11 @@ class StepOutput:
             step_id=self.step_id, seq_ids=self.seq_ids, token_ids=self.token_ids,
             timings=worker_pb2.StepTimings(queued_ns=t.queued_ns, prepare_ns=t.prepare_ns,
                                            forward_ns=t.forward_ns, sample_ns=t.sample_ns,
-                                           idle_ns=t.idle_ns))
+                                           idle_ns=t.idle_ns, device_ns=t.device_ns))
 
     @classmethod
     def from_proto(cls, msg: worker_pb2.StepResult) -> StepOutput:
         t = msg.timings
         return cls(step_id=msg.step_id, seq_ids=list(msg.seq_ids), token_ids=list(msg.token_ids),
-                   timings=StepTimings(t.queued_ns, t.prepare_ns, t.forward_ns, t.sample_ns, t.idle_ns))
+                   timings=StepTimings(t.queued_ns, t.prepare_ns, t.forward_ns, t.sample_ns, t.idle_ns,
+                                       t.device_ns))

@@ -106,7 +106,9 @@ class IterationRecord:
     worker_prepare_ns: int = 0
     worker_forward_ns: int = 0
     worker_sample_ns: int = 0
-    worker_idle_ns: int = 0       # the worker waited this long for the plan: the gap to remove
+    worker_idle_ns: int = 0       # the device sat idle before this step: the gap to remove
+    worker_device_ns: int = 0     # the step's own device time
+    worker_queued_ns: int = 0     # the plan waited in the worker (overlap: behind the step before)
 
     @property
     def seq_ids(self) -> list[int]:
@@ -206,6 +208,7 @@ class Engine:
         t = result.timings
         record.worker_prepare_ns, record.worker_forward_ns = t.prepare_ns, t.forward_ns
         record.worker_sample_ns, record.worker_idle_ns = t.sample_ns, t.idle_ns
+        record.worker_device_ns, record.worker_queued_ns = t.device_ns, t.queued_ns
         self.out.send_pyobj(StepUpdates(updates, EngineStats(
             num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
             kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,

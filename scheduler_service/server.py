@@ -304,6 +304,7 @@ class OperatorService(generation_pb2_grpc.OperatorServicer):
             kv_blocks_used=r.kv_blocks_used, num_waiting=r.num_waiting,
             worker_prepare_ns=r.worker_prepare_ns, worker_forward_ns=r.worker_forward_ns,
             worker_sample_ns=r.worker_sample_ns, worker_idle_ns=r.worker_idle_ns,
+            worker_device_ns=r.worker_device_ns, worker_queued_ns=r.worker_queued_ns,
             decode_seq_ids=r.decode_seq_ids, prefill_seq_ids=r.prefill_seq_ids) for r in records])
 
 

@@ -13,6 +13,7 @@ import torch
 
 from worker_service.attention import AttentionBackend, AttentionMetadata
 from worker_service.models.llama import LlamaModel
+from worker_service.upload import upload
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
@@ -84,25 +85,29 @@ class DecodeGraphs:
                 self._rows[i] = (table, len(table))
         if values:
             dev = self.block_tables.device
-            update = torch.tensor([rows, cols, values], dtype=torch.int64).to(dev, non_blocking=True)
+            update = upload([rows, cols, values], torch.int64, dev)
             self.block_tables[update[0], update[1]] = update[2].to(torch.int32)
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            context_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """One decode row per sequence -> logits [len(input_ids), vocab] float32."""
+    def load(self, input_ids: list[int], positions: list[int], slots: list[int],
+             context_lens: list[int], tables: list[list[int]]) -> int:
+        """One decode row per sequence into the static buffers, and the attention plan;
+        returns the padded batch size to replay."""
         batch = len(input_ids)
         padded = self.padded_size(batch)
         assert padded is not None, "batch too large for the captured graphs"
         pad = padded - batch
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
-                             context_lens + [1] * pad], dtype=torch.int64)
-        dev = host.to(self.input_ids.device, non_blocking=True)
+        dev = upload([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
+                      context_lens + [1] * pad], torch.int64, self.input_ids.device)
         self.input_ids[:padded].copy_(dev[0])
         self.positions[:padded].copy_(dev[1])
         self.slots[:padded].copy_(dev[2])
         self.context_lens[:padded].copy_(dev[3])
         self._update_tables(tables)
         self.backend.begin_iteration(self._meta(padded, context_lens + [1] * pad))
+        return padded
+
+    def replay(self, padded: int, batch: int) -> torch.Tensor:
+        """-> logits [batch, vocab] float32, valid until the next replay."""
         graph, logits = self.graphs[padded]
         graph.replay()
         return logits[:batch]

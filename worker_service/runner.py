@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
+from worker_service.upload import upload
 
 
 class PlanError(ValueError):
@@ -25,12 +26,38 @@ class PlanError(ValueError):
 
 
 @dataclass
+class PendingToken:
+    """The last token sampled for a sequence, as the device holds it: row `row` of `tokens`,
+    to become token_ids[index] once the host has read it back."""
+
+    tokens: torch.Tensor
+    row: int
+    index: int
+
+
+@dataclass
 class SequenceState:
-    token_ids: list[int]        # prompt + every token sampled so far
+    token_ids: list[int]        # prompt + every token sampled so far (-1 while still in flight)
     num_prompt_tokens: int
     block_table: list[int]
     num_computed_tokens: int
     sampling: SamplingOptions
+    pending: PendingToken | None = None
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; finish() turns it into the StepOutput."""
+
+    step_id: int
+    launched_ns: int
+    seq_ids: list[int] = field(default_factory=list)
+    states: list[SequenceState] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)   # where each token goes in its state
+    tokens: torch.Tensor | None = None                  # host copy (pinned on a GPU)
+    begin: torch.cuda.Event | None = None               # just before the model's first kernel
+    end: torch.cuda.Event | None = None                 # after the copy of the tokens
+    timings: StepTimings = field(default_factory=StepTimings)
 
 
 @dataclass
@@ -45,6 +72,8 @@ class HostBatch:
     tables: list[list[int]]
     sample_rows: list[int]
     sample_seqs: list[int]
+    # Inputs still on the device (tokens of steps in flight): (source, source rows, input rows).
+    device_inputs: list[tuple[torch.Tensor, list[int], list[int]]] = field(default_factory=list)
 
     @property
     def decode_only(self) -> bool:
@@ -73,6 +102,15 @@ class ModelRunner:
         self.host_cache: HostKVCache | None = None
         self.seqs: dict[int, SequenceState] = {}
         self.generator = torch.Generator(device=device).manual_seed(0)
+        self._last_begin: torch.cuda.Event | None = None       # of the last launched step
+        self._last_end_event: torch.cuda.Event | None = None   # of the last finished step
+        self._last_end_ns = 0
+
+    def reset(self) -> None:
+        """A new scheduler: forget every sequence and any step still in flight."""
+        self._drain()
+        self.seqs.clear()
+        self._last_end_event, self._last_end_ns = None, 0
 
     # --- cache ------------------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
@@ -92,7 +130,7 @@ class ModelRunner:
         ]
         self.block_size, self.num_blocks = block_size, num_blocks
         self.host_cache = HostKVCache(num_host_blocks, self.kv_caches) if num_host_blocks else None
-        self.seqs.clear()
+        self.reset()
         if self.use_cuda_graphs:
             max_blocks = -(-c.max_model_len // block_size)
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, block_size,
@@ -142,11 +180,21 @@ class ModelRunner:
         return max(0, int(total * fraction - peak - outside_torch - graph_room))
 
     # --- one iteration ----------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: BatchPlan) -> StepOutput:
+        """Runs one plan to completion: launch, then wait for its tokens."""
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: BatchPlan) -> LaunchedStep:
+        """Checks the plan, prepares its inputs and queues its forward and sampling on the device
+        without waiting for them. Tokens sampled by a step still in flight reach the next step's
+        inputs on the device, so the host can prepare step i+1 while the GPU runs step i.
+        Call launch and finish each in plan order (from one thread each, or alternately)."""
         t0 = time.perf_counter_ns()
         if not self.kv_caches:
             raise PlanError("Step before InitCache: allocate the KV cache first")
+        if plan.swap_out_device_blocks or plan.swap_in_device_blocks:
+            self._drain()   # swaps copy through host memory: let earlier steps land first
         try:
             apply_swaps(self.host_cache, self.kv_caches, plan)
         except SwapError as e:
@@ -154,25 +202,79 @@ class ModelRunner:
         self._apply_membership(plan)
         batch = self._prepare(plan)
         t1 = time.perf_counter_ns()
-        seq_ids: list[int] = []
-        tokens: list[int] = []
+        # FlashInfer's planning reuses one pinned staging buffer whose upload is queued in stream
+        # order: before planning step i+1, step i's upload must be done, i.e. step i has begun.
+        # This also keeps the host at most one step ahead of the device.
+        if self._last_begin is not None:
+            self._last_begin.synchronize()
+        t_ready = time.perf_counter_ns()
+        step = LaunchedStep(plan.step_id, launched_ns=t0)
+        t2 = t_ready
         if batch is not None:
-            sample_seqs = batch.sample_seqs
-            logits = self._forward(batch)
+            logits = self._forward(batch, step)
             t2 = time.perf_counter_ns()
             if logits is not None:
-                states = [self.seqs[s] for s in sample_seqs]
+                states = [self.seqs[s] for s in batch.sample_seqs]
                 tokens = sample(logits, [s.sampling for s in states],
                                 [len(s.token_ids) - s.num_prompt_tokens for s in states],
                                 self.generator)
-                for state, tok in zip(states, tokens, strict=True):
-                    state.token_ids.append(tok)
-                seq_ids = sample_seqs
-        else:
-            t2 = time.perf_counter_ns()
+                for row, state in enumerate(states):
+                    # A placeholder until finish() learns the value; the next step reads the
+                    # token from the device through `pending`.
+                    state.pending = PendingToken(tokens, row, len(state.token_ids))
+                    step.indices.append(len(state.token_ids))
+                    state.token_ids.append(-1)
+                step.seq_ids, step.states = list(batch.sample_seqs), states
+                step.tokens = self._to_host(tokens)
+        if step.begin is None:  # nothing ran on the device: an empty span, still ordered
+            step.begin = self._event()
+        step.end = self._event()
+        self._last_begin = step.begin
         t3 = time.perf_counter_ns()
-        return StepOutput(plan.step_id, seq_ids, tokens,
-                          StepTimings(prepare_ns=t1 - t0, forward_ns=t2 - t1, sample_ns=t3 - t2))
+        step.timings = StepTimings(queued_ns=t_ready - t1, prepare_ns=t1 - t0,
+                                   forward_ns=t2 - t_ready, sample_ns=t3 - t2)
+        return step
+
+    def finish(self, step: LaunchedStep) -> StepOutput:
+        """Waits for a launched step's tokens (only that step's: later ones keep running)."""
+        tokens: list[int] = []
+        if step.end is not None:
+            step.end.synchronize()
+        if step.tokens is not None:
+            tokens = step.tokens.tolist()
+            for state, index, token in zip(step.states, step.indices, tokens, strict=True):
+                state.token_ids[index] = token
+        t = step.timings
+        if step.begin is not None and step.end is not None:
+            t.device_ns = int(step.begin.elapsed_time(step.end) * 1e6)
+            prev = self._last_end_event
+            t.idle_ns = int(prev.elapsed_time(step.begin) * 1e6) if prev is not None else 0
+            self._last_end_event = step.end
+        else:  # CPU: the step ran inside launch(); idle is the host gap since the last one ended
+            t.device_ns = t.prepare_ns + t.queued_ns + t.forward_ns + t.sample_ns
+            end = step.launched_ns + t.device_ns
+            t.idle_ns = step.launched_ns - self._last_end_ns if self._last_end_ns else 0
+            self._last_end_ns = end
+        return StepOutput(step.step_id, step.seq_ids, tokens, t)
+
+    def _event(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _to_host(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tokens
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        return host
+
+    def _drain(self) -> None:
+        """Waits until every launched step has finished on the device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _apply_membership(self, plan: BatchPlan) -> None:
         for seq_id in plan.dropped_seq_ids:
@@ -192,35 +294,48 @@ class ModelRunner:
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), cached,
                 new.sampling)
 
-    def _forward(self, batch: HostBatch) -> torch.Tensor | None:
-        """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits."""
+    def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
+        """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits.
+        Marks step.begin once the inputs are in place, just before the model runs."""
         graphs = self.graphs
         if graphs is not None and batch.decode_only and len(batch.input_ids) <= graphs.max_batch:
-            return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.context_lens,
-                              batch.tables)
+            padded = graphs.load(batch.input_ids, batch.positions, batch.slots, batch.context_lens,
+                                 batch.tables)
+            self._fill_device_inputs(graphs.input_ids, batch)
+            step.begin = self._event()
+            return graphs.replay(padded, len(batch.input_ids))
         dev = self.device
         width = max(len(t) for t in batch.tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32)
         meta = AttentionMetadata(
-            query_start=torch.tensor(batch.query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            context_lens=torch.tensor(batch.context_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            slot_mapping=torch.tensor(batch.slots, dtype=torch.int64).to(dev, non_blocking=True),
+            query_start=upload(batch.query_start, torch.int32, dev),
+            context_lens=upload(batch.context_lens, torch.int32, dev),
+            block_tables=upload([t + [0] * (width - len(t)) for t in batch.tables], torch.int32, dev),
+            slot_mapping=upload(batch.slots, torch.int64, dev),
             block_size=self.block_size,
             query_start_host=batch.query_start,
             context_lens_host=batch.context_lens,
             num_decode_only=batch.decode_only,
         )
-        ids = torch.tensor(batch.input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(batch.positions, dtype=torch.int64).to(dev, non_blocking=True)
+        ids = upload(batch.input_ids, torch.int64, dev)
+        self._fill_device_inputs(ids, batch)
+        pos = upload(batch.positions, torch.int64, dev)
         self.backend.begin_iteration(meta)
+        step.begin = self._event()
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not batch.sample_seqs:
             return None
         if len(batch.sample_rows) < len(batch.input_ids):
-            rows = torch.tensor(batch.sample_rows, dtype=torch.int64).to(dev, non_blocking=True)
+            rows = upload(batch.sample_rows, torch.int64, dev)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)
+
+    def _fill_device_inputs(self, ids: torch.Tensor, batch: HostBatch) -> None:
+        """Input tokens that earlier steps sampled and the host has not seen yet, copied on the
+        device (stream order puts this after the step that sampled them)."""
+        dev = ids.device
+        for source, src_rows, dst_rows in batch.device_inputs:
+            rows = upload([src_rows, dst_rows], torch.int64, dev)
+            ids[rows[1]] = source[rows[0]]
 
     def _prepare(self, plan: BatchPlan) -> HostBatch | None:
         """Plan -> host lists for this iteration, after checking it against our state."""
@@ -235,6 +350,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_seqs: list[int] = []
+        on_device: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
         offset = 0
         for i, seq_id in enumerate(plan.seq_ids):
             state = self.seqs.get(seq_id)
@@ -254,7 +370,17 @@ class ModelRunner:
             if end > len(state.block_table) * bs:
                 raise PlanError(f"step {plan.step_id}: sequence {seq_id} needs {end} slots, "
                                 f"has {len(state.block_table)} blocks")
-            input_ids.extend(state.token_ids[start:end])
+            tokens = state.token_ids[start:end]
+            pending = state.pending
+            if pending is not None and start <= pending.index < end:
+                group = on_device.setdefault(id(pending.tokens), (pending.tokens, [], []))
+                group[1].append(pending.row)
+                group[2].append(len(input_ids) + pending.index - start)
+                tokens[pending.index - start] = 0   # overwritten on the device
+            if -1 in tokens:
+                raise PlanError(f"step {plan.step_id}: sequence {seq_id} schedules a token that "
+                                f"is neither known nor the last one sampled")
+            input_ids.extend(tokens)
             positions.extend(range(start, end))
             slots.extend(state.block_table[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + n)
@@ -265,4 +391,4 @@ class ModelRunner:
                 sample_rows.append(query_start[-1] - 1)
                 sample_seqs.append(seq_id)
         return HostBatch(input_ids, positions, slots, query_start, context_lens, tables,
-                         sample_rows, sample_seqs)
+                         sample_rows, sample_seqs, list(on_device.values()))

@@ -1,7 +1,8 @@
 """Turns logits into tokens for the whole batch at once: greedy, temperature, top-k, top-p.
 
 Every row is sampled by the exponential race (argmax of probs / E with E ~ Exp(1)), which draws
-from probs exactly and needs no per-row host sync: the only sync is the final `.tolist()`.
+from probs exactly and needs no host sync at all: the tokens stay on the device, where the next
+step can read them before the host has seen them.
 A seeded request draws its n-th token's noise from a generator seeded by (seed, n), so its
 tokens do not depend on what else shares the batch, nor on preemption and recompute.
 """
@@ -11,21 +12,23 @@ from __future__ import annotations
 import torch
 
 from protos.batch_plan import SamplingOptions
+from worker_service.upload import upload
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's seed space
 
 
 def sample(logits: torch.Tensor, options: list[SamplingOptions], output_index: list[int],
-           fallback: torch.Generator) -> list[int]:
-    """logits: [n, vocab] float32. output_index[i] is how many tokens sequence i generated so far."""
+           fallback: torch.Generator) -> torch.Tensor:
+    """logits: [n, vocab] float32 -> [n] int64 tokens on the same device.
+    output_index[i] is how many tokens sequence i generated so far."""
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, o in enumerate(options) if not o.greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device="cpu").to(logits.device, non_blocking=True)
+        rows = upload(random_rows, torch.int64, logits.device)
         picked = _sample_rows(logits[rows], [options[i] for i in random_rows],
                               [output_index[i] for i in random_rows], fallback)
         tokens[rows] = picked
-    return tokens.tolist()
+    return tokens
 
 
 def _sample_rows(logits: torch.Tensor, options: list[SamplingOptions], output_index: list[int],
@@ -49,7 +52,7 @@ def filtered_probs(logits: torch.Tensor, options: list[SamplingOptions]) -> torc
     dev = logits.device
 
     def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True).unsqueeze(1)
+        return upload(values, torch.float32, dev).unsqueeze(1)
 
     scaled = logits / column([o.temperature for o in options])
     needs_k = [0 < o.top_k < vocab for o in options]
@@ -59,7 +62,7 @@ def filtered_probs(logits: torch.Tensor, options: list[SamplingOptions]) -> torc
     sorted_vals, order = torch.sort(scaled, dim=-1, descending=True)
     if any(needs_k):
         k = [o.top_k if nk else vocab for o, nk in zip(options, needs_k, strict=True)]
-        kth_index = torch.tensor(k, dtype=torch.int64).to(dev, non_blocking=True).unsqueeze(1) - 1
+        kth_index = upload(k, torch.int64, dev).unsqueeze(1) - 1
         kth = sorted_vals.gather(1, kth_index)
         sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
     sorted_probs = torch.softmax(sorted_vals, dim=-1)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -71,20 +71,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler holds the step stream")
         try:
             # A new stream means a new scheduler: forget sequences from the previous one.
-            self.runner.seqs.clear()
-            last_end: int | None = None
-            for msg in request_iterator:
-                arrived = time.perf_counter_ns()
-                try:
-                    out = self.runner.execute(BatchPlan.from_proto(msg))
-                except PlanError as e:
-                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-                # The device waited from the end of the previous step until this plan came.
-                out.timings.idle_ns = 0 if last_end is None else arrived - last_end
-                last_end = time.perf_counter_ns()
-                yield out.to_proto()
+            self.runner.reset()
+            # A feeder thread launches plans as they arrive, so the host prepares step i+1
+            # while the device runs step i; this generator waits for each step's tokens in order.
+            launched: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._feed, args=(request_iterator, launched), daemon=True,
+                             name="worker-launch").start()
+            while (item := launched.get()) is not None:
+                if isinstance(item, PlanError):
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(item))
+                if isinstance(item, BaseException):
+                    raise item
+                yield self.runner.finish(item).to_proto()
         finally:
             self._stream_lock.release()
+
+    def _feed(self, request_iterator: Iterator[worker_pb2.BatchPlan], launched: queue.SimpleQueue) -> None:
+        try:
+            for msg in request_iterator:
+                launched.put(self.runner.launch(BatchPlan.from_proto(msg)))
+        except PlanError as e:
+            launched.put(e)
+        except grpc.RpcError:
+            pass   # the scheduler went away: the stream ends
+        except Exception as e:  # noqa: BLE001 - surface it to the stream rather than lose it
+            launched.put(e)
+        launched.put(None)
 
 
 def serve_worker(runner: ModelRunner, host: str, port: int, weight_bytes: int,

@@ -136,3 +136,32 @@ def test_profile_free_memory_leaves_room_for_the_cache():
     blocks = budget // runner.bytes_per_block(BLOCK)
     runner.init_cache(blocks, BLOCK)  # must fit, graphs included
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_launching_ahead_matches_one_step_at_a_time(backend, graphs):
+    """As the worker serves: step i+1 is launched before step i's tokens reach the host, so its
+    decodes read their input tokens on the device (through the graphs' static buffers too)."""
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    from benchmarks.parallel_handoff import PlanMaker
+
+    def plans() -> list[BatchPlan]:
+        maker = PlanMaker()
+        out = [maker.new_sequences(3, 40), maker.new_sequences(2, 77)]
+        out += [maker.decode([0, 1, 2, 3, 4]) for _ in range(10)]
+        out += [maker.decode([1, 3]), maker.decode([0, 2, 4]), maker.decode([0, 1, 2, 3, 4])]
+        return out
+
+    serial = make_runner(backend, torch.float32 if backend == "triton" else torch.bfloat16, graphs)
+    want = [serial.execute(p).token_ids for p in plans()]
+    ahead = make_runner(backend, torch.float32 if backend == "triton" else torch.bfloat16, graphs)
+    got, previous = [], None
+    for plan in plans():
+        step = ahead.launch(plan)
+        if previous is not None:
+            got.append(ahead.finish(previous).token_ids)
+        previous = step
+    got.append(ahead.finish(previous).token_ids)
+    assert got == want

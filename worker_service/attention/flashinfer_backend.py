@@ -15,6 +15,7 @@ import torch
 
 from kernels.kv_write import write_kv
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
+from worker_service.upload import upload
 
 _WORKSPACE_BYTES = 256 << 20
 
@@ -22,12 +23,15 @@ _WORKSPACE_BYTES = 256 << 20
 class FlashInferAttention(AttentionBackend):
     writes_kv_by_slot = True
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, decode_tensor_cores: bool = True) -> None:
+        """decode_tensor_cores: decodes through FlashInfer's tensor-core (prefill-style) kernel,
+        which suits GQA groups, rather than its CUDA-core decode kernel."""
         self.device = device
+        self.decode_tensor_cores = decode_tensor_cores
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=True)
+            self.workspace, "NHD", use_tensor_cores=decode_tensor_cores)
         self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         self._graph_pages: dict[int, list[int]] = {}  # pages per row at each wrapper's last plan
         self.shape: tuple[int, int, int] | None = None
@@ -100,8 +104,8 @@ class FlashInferAttention(AttentionBackend):
         dev = self.device
         seq = torch.repeat_interleave(
             torch.arange(len(pages), device=dev),
-            torch.tensor(pages, device="cpu").to(dev, non_blocking=True), output_size=total)
-        col = torch.arange(total, device=dev) - indptr.to(dev, non_blocking=True)[seq]
+            upload(pages, torch.int64, dev), output_size=total)
+        col = torch.arange(total, device=dev) - upload(indptr, torch.int32, dev)[seq]
         return block_tables[seq, col]
 
     def _graph_wrapper(self, batch: int, width: int) -> flashinfer.BatchDecodeWithPagedKVCacheWrapper:
@@ -109,7 +113,8 @@ class FlashInferAttention(AttentionBackend):
         if wrapper is None:
             dev = self.device
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                self.workspace, "NHD", use_cuda_graph=True,
+                use_tensor_cores=self.decode_tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
                 # One spare entry at the end: graph_prologue's sink for unused table columns.
                 paged_kv_indices_buffer=torch.zeros(batch * width + 1, dtype=torch.int32,

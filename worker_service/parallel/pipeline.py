@@ -17,7 +17,7 @@ from torch import nn
 from protos.batch_plan import BatchPlan, StepOutput
 from worker_service.models.llama import LlamaModel
 from worker_service.parallel.layout import split_layers
-from worker_service.runner import HostBatch, ModelRunner
+from worker_service.runner import HostBatch, LaunchedStep, ModelRunner
 
 
 class HiddenLink(Protocol):
@@ -80,10 +80,10 @@ class StageRunner(ModelRunner):
         super().__init__(model, device, dtype, cuda_graphs=False)
         self.samples = samples
 
-    def execute(self, plan: BatchPlan) -> StepOutput:
+    def launch(self, plan: BatchPlan) -> LaunchedStep:
         if isinstance(self.model, PipelineStage):
             self.model.step_id = plan.step_id
-        return super().execute(plan)
+        return super().launch(plan)
 
     def apply_sampled(self, out: StepOutput) -> None:
         if self.samples:
@@ -93,7 +93,7 @@ class StageRunner(ModelRunner):
             if state is not None:
                 state.token_ids.append(token)
 
-    def _forward(self, batch: HostBatch) -> torch.Tensor | None:
+    def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
         if not self.samples:
             batch = dataclasses.replace(batch, sample_rows=[], sample_seqs=[])
-        return super()._forward(batch)
+        return super()._forward(batch, step)

@@ -102,7 +102,7 @@ def follow(r: Rank) -> None:
         if kind == STOP:
             return
         if kind == RESET:
-            runner.seqs.clear()
+            runner.reset()
         elif kind == INIT:
             runner.init_cache(int(frames[0]), int(frames[1]))
         elif kind == STATS_REQUEST:
@@ -171,7 +171,7 @@ class ReplicaDriver:
     def reset(self) -> None:
         """A new scheduler stream: every rank forgets its sequences."""
         self.r.outbox.broadcast(RESET)
-        self.runner.seqs.clear()
+        self.runner.reset()
         with self._cond:
             self._sampled.clear()
             self._in_flight.clear()

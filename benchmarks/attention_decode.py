@@ -1,0 +1,82 @@
+"""Decode attention alone, per layer call, for each GPU backend variant: which to use when.
+
+Llama-3-8B's attention shape (32 query heads, 8 KV heads, head dim 128), bf16, paged KV in
+blocks of 16, every sequence at the same context. Each variant's calls for all 32 layers are
+captured in one CUDA graph (as the decode graphs run them), and the replay is timed; the table
+gives microseconds per layer call and the KV bandwidth that implies.
+
+  python3 benchmarks/attention_decode.py [--batches 1 8 32 64 128] [--context 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton.testing
+
+from worker_service.attention import AttentionMetadata
+from worker_service.attention.flashinfer_backend import FlashInferAttention
+from worker_service.attention.triton_backend import TritonAttention
+
+DEV = torch.device("cuda")
+HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
+
+
+def variants():
+    yield "flashinfer, tensor cores", FlashInferAttention(DEV, decode_tensor_cores=True)
+    yield "flashinfer, CUDA cores", FlashInferAttention(DEV, decode_tensor_cores=False)
+    yield "triton (ours)", TritonAttention()
+
+
+def time_variant(backend, batch: int, context: int) -> float:
+    """Microseconds per layer call, from one graph replay of LAYERS calls."""
+    pages = -(-context // BLOCK)
+    caches = [torch.randn(batch * pages, 2, BLOCK, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16)
+              for _ in range(LAYERS)]
+    tables = torch.arange(batch * pages, dtype=torch.int32, device=DEV).view(batch, pages)
+    meta = AttentionMetadata(
+        query_start=torch.arange(batch + 1, dtype=torch.int32, device=DEV),
+        context_lens=torch.full((batch,), context, dtype=torch.int32, device=DEV),
+        block_tables=tables, slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=DEV),
+        block_size=BLOCK, query_start_host=list(range(batch + 1)), context_lens_host=[context] * batch,
+        num_decode_only=True)
+    backend.configure(HEADS, KV_HEADS, DIM, torch.bfloat16)
+    backend.begin_iteration(meta)
+    q = torch.randn(batch, HEADS, DIM, device=DEV, dtype=torch.bfloat16)
+
+    def layers() -> None:
+        for cache in caches:
+            backend.forward(q, cache, meta, DIM ** -0.5)
+
+    layers()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers()
+    ms = triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
+    return ms * 1e3 / LAYERS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    ap.add_argument("--context", type=int, default=1024)
+    args = ap.parse_args()
+    print(f"Decode attention per layer call, context {args.context}, {torch.cuda.get_device_name()}\n")
+    print("| variant | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
+    print("| --- |" + " --- |" * len(args.batches))
+    for name, backend in variants():
+        cells = []
+        for b in args.batches:
+            try:
+                us = time_variant(backend, b, args.context)
+                kv = b * args.context * 2 * KV_HEADS * DIM * 2
+                cells.append(f"{us:.1f} us ({kv / us / 1e6:.2f} TB/s)")
+            except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+                cells.append(f"failed: {type(e).__name__}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One batch of GPU-machine work, driven from the repo root on the device:
+#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, attention, overhead,
+#                                             capacity-strict, capacity-relaxed)
+# It installs the carried wheels (.whl/, from ../shared/device/fetch-wheels plus the small pure-
+# Python ones the serving harness needs), restores FlashInfer's JIT cache from .fi_cache/fi.tgz
+# when carried, runs each part under its own time limit, and saves the cache to $OUT/fi.tgz.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+export OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" ~/.cache
+[ -f .fi_cache/fi.tgz ] && tar xzf .fi_cache/fi.tgz -C ~/.cache
+limit=${PART_LIMIT_S:-300}
+capacity() {  # $1: strict or relaxed
+    local slo budget
+    if [ "$1" = strict ]; then slo=5x; budget=512; else slo=25x; budget=2048; fi
+    python3 -m sarathi.cli capacity --model dummy:llama3-8b --server-arg=--device=cuda \
+        --policies "sarathi:$budget,vllm:$budget,orca:$budget" --slo-p99-tbt "$slo" \
+        --lengths trace --trace chat --num-requests "${CAPACITY_REQUESTS:-64}" \
+        --max-probes "${CAPACITY_PROBES:-5}" --rel-tol 0.2 --initial-rate "${CAPACITY_RATE:-2}" \
+        --startup-timeout 300 --no-progress --output-dir "$OUT/capacity-$1"
+}
+for part in "$@"; do
+    echo "=== $part ($(date -u +%T))"
+    case $part in
+        tests) timeout "$limit" bash tests/gpu/run_on_device.sh ;;
+        bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" ;;
+        attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
+        overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
+            --device cuda --batches 1 32 128 ;;
+        capacity-strict) timeout "$limit" capacity strict ;;
+        capacity-relaxed) timeout "$limit" capacity relaxed ;;
+        *) echo "unknown part $part" ;;
+    esac
+    echo "=== $part: exit $? ($(date -u +%T))"
+done
+tar czf "$OUT/fi.tgz" -C ~/.cache flashinfer 2>/dev/null

@@ -1,0 +1,56 @@
+"""The worker launches step i+1 before it has read step i's tokens: a decode's input is then the
+token still on the device. Same tokens as running each step to completion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_parallel_sharding import CPU, _load
+
+from benchmarks.parallel_handoff import PlanMaker
+from worker_service.runner import ModelRunner, PlanError
+
+
+def _plans():
+    maker = PlanMaker()
+    plans = [maker.new_sequences(3, 20), maker.new_sequences(2, 33)]
+    for _ in range(6):
+        plans += [maker.decode([0, 1, 2, 3, 4])]
+    plans += [maker.decode([0, 2]), maker.decode([1, 3, 4]), maker.decode([0, 1, 2, 3, 4])]
+    return plans
+
+
+def _runner() -> ModelRunner:
+    runner = ModelRunner(_load(), CPU, torch.float32)
+    runner.init_cache(64, 16)
+    return runner
+
+
+def test_launching_the_next_step_before_reading_tokens_changes_no_token():
+    plans = _plans()
+    serial = _runner()
+    expected = [serial.execute(p).token_ids for p in plans]
+
+    ahead = _runner()
+    got: list[list[int]] = []
+    previous = None
+    for plan in plans:
+        step = ahead.launch(plan)    # the tokens of `previous` are not on the host yet
+        if previous is not None:
+            got.append(ahead.finish(previous).token_ids)
+        previous = step
+    got.append(ahead.finish(previous).token_ids)
+    assert got == expected
+    assert all(-1 not in s.token_ids for s in ahead.seqs.values())
+
+
+def test_a_plan_that_feeds_an_unknown_token_is_refused():
+    runner = _runner()
+    maker = PlanMaker()
+    runner.execute(maker.new_sequences(1, 20))
+    runner.seqs[0].token_ids[5] = -1   # as if a prefill chunk could read a token still in flight
+    runner.seqs[0].num_computed_tokens = 0
+    bad = maker.decode([0])
+    bad.num_computed_tokens[0], bad.num_scheduled_tokens[0] = 0, 21
+    with pytest.raises(PlanError, match="neither known"):
+        runner.execute(bad)
