@@ -6,8 +6,9 @@
 # Python ones the serving harness needs), restores FlashInfer's JIT cache from .fi_cache/fi.tgz
 # when carried, runs each part under its own time limit, and saves the cache to $OUT/fi.tgz.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory"
 export PYTHONPATH=/tmp/site:$PWD
+python3 -m protos.generate   # stubs for the host's grpcio (a grpcio-tools wheel of that version)
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" ~/.cache
 [ -f .fi_cache/fi.tgz ] && tar xzf .fi_cache/fi.tgz -C ~/.cache
@@ -15,7 +16,7 @@ limit=${PART_LIMIT_S:-300}
 capacity() {  # $1: strict or relaxed
     local slo budget
     if [ "$1" = strict ]; then slo=5x; budget=512; else slo=25x; budget=2048; fi
-    python3 -m sarathi.cli capacity --model dummy:llama3-8b --server-arg=--device=cuda \
+    timeout "$limit" python3 -m sarathi.cli capacity --model dummy:llama3-8b --server-arg=--device=cuda \
         --policies "sarathi:$budget,vllm:$budget,orca:$budget" --slo-p99-tbt "$slo" \
         --lengths trace --trace chat --num-requests "${CAPACITY_REQUESTS:-64}" \
         --max-probes "${CAPACITY_PROBES:-5}" --rel-tol 0.2 --initial-rate "${CAPACITY_RATE:-2}" \
@@ -29,8 +30,8 @@ for part in "$@"; do
         attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
         overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
             --device cuda --batches 1 32 128 ;;
-        capacity-strict) timeout "$limit" capacity strict ;;
-        capacity-relaxed) timeout "$limit" capacity relaxed ;;
+        capacity-strict) capacity strict ;;
+        capacity-relaxed) capacity relaxed ;;
         *) echo "unknown part $part" ;;
     esac
     echo "=== $part: exit $? ($(date -u +%T))"

@@ -66,8 +66,10 @@ def measure(address: str, batch: int, prompt_len: int, out_len: int, hybrid: boo
     return steps, gaps
 
 
-def summarize(workload: str, overlap: bool, steps, gaps: list[float], hybrid: bool) -> Row:
-    chosen = [s for s in steps if (s.num_prefill_tokens > 0) == hybrid and s.num_decode_tokens > 0]
+def summarize(workload: str, overlap: bool, steps, gaps: list[float], hybrid: bool, batch: int) -> Row:
+    # Decode rows count only steps that decode the whole batch (not the ramp up or down).
+    chosen = [s for s in steps if s.num_prefill_tokens > 0 and s.num_decode_tokens > 0] if hybrid else \
+        [s for s in steps if s.num_prefill_tokens == 0 and s.num_decode_tokens == batch]
     chosen = chosen[1:] or chosen  # the first step has no predecessor to be idle after
     busy = [s.worker_device_ns / 1e6 for s in chosen]
     idle = [s.worker_idle_ns / 1e6 for s in chosen]
@@ -81,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--prompt-tokens", type=int, default=1024)
-    ap.add_argument("--output-tokens", type=int, default=64)
+    # Short prompts, long outputs: most steps decode the whole batch.
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--output-tokens", type=int, default=160)
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `sarathi serve` argument")
     args = ap.parse_args(argv)
@@ -97,10 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         with LocalServer(launch) as server:
             for batch in args.batches:
                 steps, gaps = measure(server.address, batch, args.prompt_tokens, args.output_tokens, False)
-                rows.append(summarize(f"decode, batch {batch}", overlap, steps, gaps, False))
+                rows.append(summarize(f"decode, batch {batch}", overlap, steps, gaps, False, batch))
             batch = max(args.batches)
             steps, gaps = measure(server.address, batch, args.prompt_tokens, args.output_tokens, True)
-            rows.append(summarize(f"hybrid, batch {batch} + 2048-token prompts", overlap, steps, gaps, True))
+            rows.append(summarize(f"hybrid, batch {batch} + 2048-token prompts", overlap, steps, gaps, True,
+                                  batch))
     table = Table(title=f"Device idle between iterations ({args.model or 'embedded SmolLM2'}, "
                         f"{args.device or 'default device'})")
     for col in ("workload", "overlap", "iterations", "device ms", "idle ms", "idle %", "client TBT ms"):

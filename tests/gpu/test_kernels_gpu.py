@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.gemv import gemv, linear_ref
 from kernels.kv_write import write_kv, write_kv_ref
 from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 from kernels.paged_attention import paged_attention
@@ -33,6 +34,18 @@ def test_fused_add_rmsnorm(dtype, rows, cols, with_residual):
                                                w.double(), 1e-5)
     assert rel_err(out, ref_out) < TOL[dtype]
     assert rel_err(total, ref_total) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 6144, 4096), (3, 1000, 4096), (8, 4096, 14336),
+                                      (16, 515, 300), (2, 49152, 576)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv(dtype, rows, n, k, with_bias):
+    x = torch.randn(rows, k, device=DEV, dtype=dtype)
+    w = torch.randn(n, k, device=DEV, dtype=dtype) / k ** 0.5
+    b = torch.randn(n, device=DEV, dtype=dtype) if with_bias else None
+    ref = linear_ref(x.double(), w.double(), None if b is None else b.double())
+    assert rel_err(gemv(x, w, b), ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
