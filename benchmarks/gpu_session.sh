@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batch of GPU-machine work, driven from the repo root on the device:
-#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, attention, overhead,
+#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, attention, gemv, overhead,
 #                                             capacity-strict, capacity-relaxed)
 # It installs the carried wheels (.whl/, from ../shared/device/fetch-wheels plus the small pure-
 # Python ones the serving harness needs), restores FlashInfer's JIT cache from .fi_cache/fi.tgz
@@ -28,6 +28,8 @@ for part in "$@"; do
         tests) timeout "$limit" bash tests/gpu/run_on_device.sh ;;
         bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" ;;
         attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
+        gemv) timeout "$limit" bash tests/gpu/run_on_device.sh -k gemv | tail -2
+              timeout "$limit" python3 benchmarks/gemv_sweep.py ;;
         overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
             --device cuda --batches 1 32 128 ;;
         capacity-strict) capacity strict ;;
