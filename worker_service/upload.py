@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 
 
+def host_tensor(values, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """A CPU tensor for a library that copies it to the device itself (FlashInfer's plan): pinned
+    so that its copy, too, never waits for the stream."""
+    return torch.tensor(values, dtype=dtype, pin_memory=pinned)
+
+
 def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` (a list, nested lists, or a CPU tensor) as a tensor of `dtype` on `device`."""
     if device.type != "cuda":

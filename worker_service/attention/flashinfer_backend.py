@@ -15,7 +15,7 @@ import torch
 
 from kernels.kv_write import write_kv
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
-from worker_service.upload import upload
+from worker_service.upload import host_tensor, upload
 
 _WORKSPACE_BYTES = 256 << 20
 
@@ -37,6 +37,7 @@ class FlashInferAttention(AttentionBackend):
         self.shape: tuple[int, int, int] | None = None
         self.dtype = torch.bfloat16
         self.active = self.prefill
+        self._zero_pages = torch.zeros(0, dtype=torch.int32, device=device)
 
     def configure(self, num_heads: int, num_kv_heads: int, head_dim: int,
                   dtype: torch.dtype) -> None:
@@ -55,8 +56,9 @@ class FlashInferAttention(AttentionBackend):
             indptr.append(indptr[-1] + p)
         last = [n - (p - 1) * bs for n, p in zip(ctx, pages, strict=True)]
         # Plan reads the index pointers on the host: hand it host tensors, so it never syncs.
-        indptr_t = torch.tensor(indptr, dtype=torch.int32)
-        last_t = torch.tensor(last, dtype=torch.int32)
+        # Pinned: plan copies them to the device, and a pageable copy would wait for the GPU.
+        indptr_t = host_tensor(indptr, torch.int32, pinned=True)
+        last_t = host_tensor(last, torch.int32, pinned=True)
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if meta.graph_batch_size:
             wrapper = self._graph_wrapper(meta.graph_batch_size, meta.block_tables.shape[1])
@@ -66,7 +68,9 @@ class FlashInferAttention(AttentionBackend):
             # when the kernels run, and graph_prologue refreshes those on the device. So a step
             # whose page counts match the last plan needs no host work here at all.
             if self._graph_pages.get(meta.graph_batch_size) != pages:
-                placeholder = torch.zeros(indptr[-1], dtype=torch.int32)  # prologue fills it
+                # On the device: FlashInfer copies a host one synchronously, which would stall
+                # the host until the GPU drains. graph_prologue fills the real page ids.
+                placeholder = self._zeros(indptr[-1])
                 wrapper.plan(indptr_t, placeholder, last_t, num_heads, num_kv_heads, head_dim, bs,
                              **common)
                 self._graph_pages[meta.graph_batch_size] = pages
@@ -77,10 +81,16 @@ class FlashInferAttention(AttentionBackend):
             wrapper.plan(indptr_t, indices, last_t, num_heads, num_kv_heads, head_dim, bs, **common)
         else:
             wrapper = self.prefill
-            qo_indptr = torch.tensor(meta.query_start_host, dtype=torch.int32)
+            qo_indptr = host_tensor(meta.query_start_host, torch.int32, pinned=True)
             wrapper.plan(qo_indptr, indptr_t, indices, last_t, num_heads, num_kv_heads,
                          head_dim, bs, causal=True, **common)
         self.active = wrapper
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        if self._zero_pages.numel() < n:
+            self._zero_pages = torch.zeros(max(n, 2 * self._zero_pages.numel()), dtype=torch.int32,
+                                           device=self.device)
+        return self._zero_pages[:n]
 
     def graph_prologue(self, meta: AttentionMetadata) -> None:
         """Page ids and last-page lengths from the static context lengths and block table, into

@@ -19,6 +19,19 @@ from worker_service.attention import AttentionBackend, AttentionMetadata
 from worker_service.models.config import ModelConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose skinny CUDA inputs (a decode batch of at most 16 rows, bf16/fp16) go to
+    kernels/gemv.py, which streams the weight faster than cuBLAS does at that shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= 16 and x.dtype in (torch.bfloat16, torch.float16) \
+                and self.weight.dtype == x.dtype:
+            from kernels.gemv import gemv
+
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -109,9 +122,9 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
+        self.qkv_proj = Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
                                   bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
         self.backend = backend
         self.scale = config.head_dim ** -0.5
 
@@ -138,8 +151,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -182,7 +195,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from worker_service.models.llama import LlamaModel
+from worker_service.models.llama import Linear, LlamaModel
 
 
 @dataclass
@@ -158,7 +158,7 @@ def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proce
                                   _rows(k, hs.kv_lo * d, hs.num_kv_heads * d),
                                   _rows(v, hs.kv_lo * d, hs.num_kv_heads * d)])
 
-            qkv = nn.Linear(c.hidden_size, (hs.num_heads + 2 * hs.num_kv_heads) * d,
+            qkv = Linear(c.hidden_size, (hs.num_heads + 2 * hs.num_kv_heads) * d,
                             bias=qkv_b is not None, device="meta")
             qkv.weight = nn.Parameter(pick(qkv_w), requires_grad=False)
             if qkv_b is not None:
@@ -171,7 +171,7 @@ def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proce
             mlp = layer.mlp
             gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
             lo = tp_rank * inter
-            gate_up = nn.Linear(c.hidden_size, 2 * inter, bias=False, device="meta")
+            gate_up = Linear(c.hidden_size, 2 * inter, bias=False, device="meta")
             gate_up.weight = nn.Parameter(torch.cat([gate[lo:lo + inter], up[lo:lo + inter]]),
                                           requires_grad=False)
             mlp.gate_up_proj = gate_up
