@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -101,6 +102,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 def serve_worker(runner: ModelRunner, host: str, port: int, weight_bytes: int,
                  cpu_cache_limit: int) -> grpc.Server:
+    # The launch thread holds the GIL for the whole of an eager step's kernel launches (tens of
+    # ms for a hybrid step); at Python's default 5 ms switch interval the thread that returns the
+    # previous step's tokens waits that long, and so does the scheduler's next plan.
+    sys.setswitchinterval(5e-4)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner, weight_bytes, cpu_cache_limit), server)
     bound = server.add_insecure_port(f"{host}:{port}")
