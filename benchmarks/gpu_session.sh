@@ -20,7 +20,8 @@ capacity() {  # $1: strict or relaxed
     if [ "$1" = strict ]; then slo=5x; budget=512; else slo=25x; budget=2048; fi
     timeout "$limit" python3 -m sarathi.cli capacity --model dummy:llama3-8b --server-arg=--device=cuda \
         --policies "sarathi:$budget,vllm:8192,orca:8192" --slo-p99-tbt "$slo" \
-        --lengths trace --trace chat --num-requests "${CAPACITY_REQUESTS:-64}" \
+        --lengths trace --trace chat --length-scale "${CAPACITY_SCALE:-1}" \
+        --num-requests "${CAPACITY_REQUESTS:-64}" \
         --max-probes "${CAPACITY_PROBES:-5}" --rel-tol 0.2 --initial-rate "${CAPACITY_RATE:-2}" \
         --startup-timeout 300 --no-progress --output-dir "$OUT/capacity-$1"
 }
