@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--hybrid-graph-tokens", type=int, default=0,
+                    help="iterations with prefill chunks up to this many tokens as piecewise graphs")
     ap.add_argument("--kv-gb", type=float, default=24.0)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
@@ -267,7 +269,7 @@ def main() -> None:
     backend_name = type(model.backend).__name__
     sizes = tuple(sorted(set(DECODE_BATCHES) | {1, 2, 4}))
     runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=not args.no_graphs,
-                         graph_batch_sizes=sizes)
+                         graph_batch_sizes=sizes, hybrid_graph_tokens=args.hybrid_graph_tokens)
     budget = runner.profile_free_memory(8192)
     num_blocks = min(budget, int(args.kv_gb * 2 ** 30)) // runner.bytes_per_block(BLOCK)
     runner.init_cache(num_blocks, BLOCK)
@@ -327,7 +329,8 @@ def main() -> None:
             results[f"hf_step_{b}"] = hf
 
     header = (f"Model {args.model} (dummy bf16 weights), backend {backend_name}, "
-              f"CUDA graphs {'off' if args.no_graphs else 'on'}, block {BLOCK}, "
+              f"CUDA graphs {'off' if args.no_graphs else 'on'}, "
+              f"hybrid graphs up to {args.hybrid_graph_tokens} tokens, block {BLOCK}, "
               f"on {results['device']}")
     table = [header, "", "| measurement | time | floor | ratio |", "| --- | --- | --- | --- |"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]

@@ -29,12 +29,13 @@ for part in "$@"; do
     echo "=== $part ($(date -u +%T))"
     case $part in
         tests) timeout "$limit" bash tests/gpu/run_on_device.sh ;;
-        bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" ;;
+        bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" \
+            ${BENCH_ARGS:-} ;;
         attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
         gemv) timeout "$limit" bash tests/gpu/run_on_device.sh -k gemv | tail -2
               timeout "$limit" python3 benchmarks/gemv_sweep.py ;;
         overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
-            --device cuda --batches 1 32 128 ;;
+            --device cuda --batches 1 32 128 ${OVERHEAD_ARGS:-} ;;
         capacity-strict) capacity strict ;;
         capacity-relaxed) capacity relaxed ;;
         *) echo "unknown part $part" ;;

@@ -38,6 +38,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-seed", type=int, default=0, help="seed of dummy weights")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode iterations eagerly (default: CUDA graphs on GPUs)")
+    g.add_argument("--hybrid-graph-tokens", type=int, default=0,
+                   help="also run iterations with prefill chunks of up to this many tokens as "
+                        "piecewise CUDA graphs (cut at attention; experimental, default off)")
     g = p.add_argument_group("replica layout (tensor and pipeline parallelism)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks sharing each stage's layers")
     g.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages, each a slice of the layers")
@@ -73,7 +76,8 @@ def run_worker(args: argparse.Namespace) -> None:
     start = time.monotonic()
     model = load_model(source, make_backend(args.attention, device), device, dtype, seed=args.weights_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    runner = ModelRunner(model, device, dtype, cuda_graphs=False if args.no_cuda_graphs else None)
+    runner = ModelRunner(model, device, dtype, cuda_graphs=False if args.no_cuda_graphs else None,
+                         hybrid_graph_tokens=args.hybrid_graph_tokens)
     server = serve_worker(runner, args.host, args.port, weight_bytes, int(args.cpu_cache_gib * (1 << 30)))
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
           f"loaded in {time.monotonic() - start:.1f} s; listening on {args.host}:{args.port}", flush=True)
@@ -155,7 +159,7 @@ def run_serve(args: argparse.Namespace) -> None:
     worker_port = args.worker_port or free_port()
     cmd = [sys.executable, "-m", "sarathi.cli", "worker", "--host", "127.0.0.1", "--port", str(worker_port)]
     for flag in ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
-                 "tensor_parallel_size", "pipeline_parallel_size"):
+                 "tensor_parallel_size", "pipeline_parallel_size", "hybrid_graph_tokens"):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]

@@ -54,3 +54,20 @@ def test_a_plan_that_feeds_an_unknown_token_is_refused():
     bad.num_computed_tokens[0], bad.num_scheduled_tokens[0] = 0, 21
     with pytest.raises(PlanError, match="neither known"):
         runner.execute(bad)
+
+
+def test_piecewise_hybrid_pieces_give_the_same_tokens_as_the_whole_forward():
+    """The pieces HybridGraphs captures on a GPU (cut at each attention call, tokens padded to
+    a bucket), run eagerly here: same tokens as the model's own forward."""
+    maker = PlanMaker()
+    plans = [maker.new_sequences(2, 45), maker.new_sequences(3, 20)]
+    for _ in range(4):
+        plans.append(maker.decode([0, 1, 2, 3, 4]))
+    plans.append(maker.new_sequences(1, 70))           # a prefill beside nothing
+    plans.append(maker.decode([0, 1, 2, 3, 4, 5]))
+    whole = _runner()
+    want = [whole.execute(p).token_ids for p in plans]
+    pieces = ModelRunner(_load(), CPU, torch.float32, hybrid_graph_tokens=128)
+    pieces.init_cache(64, 16)
+    assert pieces.hybrid_graphs is not None and pieces.hybrid_graphs.max_tokens == 128
+    assert [pieces.execute(p).token_ids for p in plans] == want

@@ -111,3 +111,117 @@ class DecodeGraphs:
         graph, logits = self.graphs[padded]
         graph.replay()
         return logits[:batch]
+
+
+def hybrid_buckets(max_tokens: int) -> tuple[int, ...]:
+    """Token counts to capture hybrid graphs for: every 64 up to 512, then every 256 (a step
+    is padded to the next one, so padding stays under a third)."""
+    sizes = [t for t in range(64, 513, 64)] + list(range(768, max(max_tokens, 512) + 256, 256))
+    return tuple(t for t in sizes if t <= max(max_tokens, 64)) or (64,)
+
+
+class HybridGraphs:
+    """Piecewise CUDA graphs for iterations that carry prefill chunks (any mix of chunks and
+    decodes, up to max_tokens tokens in all).
+
+    The batch layout of a hybrid iteration changes every step, which only attention cares
+    about; everything else sees a [tokens, hidden] matrix. So the model runs as num_layers + 1
+    graphs per padded token count, cut at each attention call, and attention runs eagerly
+    between them on the real tokens. Graph k (k >= 1) ends layer k-1 (o_proj, norm, MLP) and
+    begins layer k (norm, q/k/v, rotary, KV store); data crosses between graphs only through
+    static buffers, so all graphs share one memory pool. Padding rows have slot -1 (no KV
+    write) and are never read back. Without capture (CPU, tests) the same pieces run eagerly.
+    """
+
+    def __init__(self, model: LlamaModel, kv_caches: list[torch.Tensor], block_size: int,
+                 device: torch.device, max_tokens: int, capture: bool) -> None:
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.buckets = hybrid_buckets(max_tokens)
+        self.capture_graphs = capture
+        c = model.config
+        n = self.buckets[-1]
+        dtype = model.embed_tokens.weight.dtype
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.q = torch.zeros(n, c.num_heads, c.head_dim, dtype=dtype, device=device)
+        self.attn = torch.zeros(n, c.num_heads, c.head_dim, dtype=dtype, device=device)
+        self.residual = torch.zeros(n, c.hidden_size, dtype=dtype, device=device)
+        self.hidden = torch.zeros(n, c.hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.pool = None
+        # What the pieces read of the metadata: the static slot mapping (project only).
+        zeros = self.slots.new_zeros(2, dtype=torch.int32)
+        self._metas = {t: AttentionMetadata(
+            query_start=zeros, context_lens=zeros[:1], block_tables=zeros[:1].view(1, 1),
+            slot_mapping=self.slots[:t], block_size=block_size, query_start_host=[0, t],
+            context_lens_host=[t]) for t in self.buckets}
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    def _piece(self, k: int, tokens: int) -> None:
+        """Graph k's work on the first `tokens` rows of the static buffers."""
+        m, meta = self.model, self._metas[tokens]
+        positions = self.positions[:tokens]
+        if k == 0:
+            x, residual = m.embed_tokens(self.input_ids[:tokens]), None
+        else:
+            x, residual = m.layers[k - 1].end(self.attn[:tokens], self.residual[:tokens])
+        if k == len(m.layers):
+            self.hidden[:tokens].copy_(x + residual)
+            return
+        q, residual = m.layers[k].begin(x, residual, positions, m.rotary, self.kv_caches[k], meta)
+        self.q[:tokens].copy_(q)
+        self.residual[:tokens].copy_(residual)
+
+    def capture(self) -> None:
+        """Largest bucket first, every piece in order, all in one pool. Slots are -1 meanwhile,
+        so the warm-up runs write no KV."""
+        self.slots.fill_(-1)
+        for tokens in reversed(self.buckets):
+            graphs = []
+            for k in range(len(self.model.layers) + 1):
+                for _ in range(2):  # compile and autotune outside the capture
+                    self._piece(k, tokens)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._piece(k, tokens)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                graphs.append(graph)
+            self.graphs[tokens] = graphs
+        torch.cuda.synchronize()
+
+    def padded_size(self, tokens: int) -> int | None:
+        return next((b for b in self.buckets if b >= tokens), None)
+
+    def load(self, input_ids: torch.Tensor, positions: list[int], slots: list[int]) -> int:
+        """This step's tokens into the static buffers (input_ids already on the device, since
+        some may be tokens still in flight); returns the padded token count."""
+        n = input_ids.shape[0]
+        padded = self.padded_size(n)
+        assert padded is not None, "too many tokens for the hybrid graphs"
+        pad = padded - n
+        dev = upload([positions + [0] * pad, slots + [-1] * pad], torch.int64, self.slots.device)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:padded].copy_(dev[0])
+        self.slots[:padded].copy_(dev[1])
+        return padded
+
+    def run(self, padded: int, tokens: int, meta: AttentionMetadata) -> torch.Tensor:
+        """The model over the loaded tokens, attention planned for `meta` (the real batch) ->
+        hidden states [tokens, hidden], valid until the next run."""
+        layers = self.model.layers
+        graphs = self.graphs.get(padded) if self.capture_graphs else None
+        for k in range(len(layers) + 1):
+            if k > 0:
+                out = layers[k - 1].attn.attend(self.q[:tokens], self.kv_caches[k - 1], meta)
+                self.attn[:tokens].copy_(out.view(tokens, *self.attn.shape[1:]))
+            if graphs is not None:
+                graphs[k].replay()
+            else:
+                self._piece(k, padded)
+        return self.hidden[:tokens]

@@ -14,7 +14,7 @@ import torch
 
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
 from worker_service.attention import AttentionMetadata
-from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
+from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, HybridGraphs
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
@@ -83,9 +83,12 @@ class HostBatch:
 class ModelRunner:
     def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype, *,
                  cuda_graphs: bool | None = None,
-                 graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> None:
+                 graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                 hybrid_graph_tokens: int = 0) -> None:
         """cuda_graphs: capture decode-only iterations as CUDA graphs (at init_cache); None means
-        on for CUDA devices, off elsewhere."""
+        on for CUDA devices, off elsewhere. hybrid_graph_tokens > 0: iterations with prefill
+        chunks of up to that many tokens run as piecewise graphs (HybridGraphs; captured only
+        when cuda_graphs is on, else the same pieces run eagerly)."""
         self.model = model
         self.config = model.config
         self.device = device
@@ -96,6 +99,9 @@ class ModelRunner:
         self.use_cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graph_batch_sizes = graph_batch_sizes
         self.graphs: DecodeGraphs | None = None
+        # A pipeline stage or a sharded model runs its own forward: whole models only.
+        self.hybrid_graph_tokens = hybrid_graph_tokens if type(model) is LlamaModel else 0
+        self.hybrid_graphs: HybridGraphs | None = None
         self.block_size = 0
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
@@ -122,7 +128,7 @@ class ModelRunner:
         """Allocates the paged KV cache, and a host cache of num_host_blocks for swapping."""
         c = self.config
         self.kv_caches = []  # free the old cache (and graphs that point into it) first
-        self.graphs = None
+        self.graphs = self.hybrid_graphs = None
         self.kv_caches = [
             torch.zeros(num_blocks, 2, block_size, c.num_kv_heads, c.head_dim,
                         device=self.device, dtype=self.dtype)
@@ -136,6 +142,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, block_size,
                                        max_blocks, self.device, self.graph_batch_sizes)
             self.graphs.capture()
+        if self.hybrid_graph_tokens:
+            capture = self.use_cuda_graphs and self.device.type == "cuda"
+            self.hybrid_graphs = HybridGraphs(self.model, self.kv_caches, block_size, self.device,
+                                              self.hybrid_graph_tokens, capture)
+            if capture:
+                self.hybrid_graphs.capture()
         return num_blocks * self.bytes_per_block(block_size)
 
     @torch.inference_mode()
@@ -177,6 +189,8 @@ class ModelRunner:
         if self.use_cuda_graphs:  # each graph keeps its own logits; its activations share a pool
             elem = 4 * c.vocab_size + 16 * (c.hidden_size + c.intermediate_size)
             graph_room = sum(self.graph_batch_sizes) * elem + (256 << 20)
+            if self.hybrid_graph_tokens:  # their pool holds one largest step's activations
+                graph_room += peak
         return max(0, int(total * fraction - peak - outside_torch - graph_room))
 
     # --- one iteration ----------------------------------------------------------------------
@@ -305,6 +319,7 @@ class ModelRunner:
             step.begin = self._event()
             return graphs.replay(padded, len(batch.input_ids))
         dev = self.device
+        n = len(batch.input_ids)
         width = max(len(t) for t in batch.tables)
         meta = AttentionMetadata(
             query_start=upload(batch.query_start, torch.int32, dev),
@@ -318,13 +333,20 @@ class ModelRunner:
         )
         ids = upload(batch.input_ids, torch.int64, dev)
         self._fill_device_inputs(ids, batch)
-        pos = upload(batch.positions, torch.int64, dev)
-        self.backend.begin_iteration(meta)
-        step.begin = self._event()
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hybrid = self.hybrid_graphs
+        if hybrid is not None and n <= hybrid.max_tokens:
+            padded = hybrid.load(ids, batch.positions, batch.slots)
+            self.backend.begin_iteration(meta)
+            step.begin = self._event()
+            hidden = hybrid.run(padded, n, meta)
+        else:
+            pos = upload(batch.positions, torch.int64, dev)
+            self.backend.begin_iteration(meta)
+            step.begin = self._event()
+            hidden = self.model(ids, pos, self.kv_caches, meta)
         if not batch.sample_seqs:
             return None
-        if len(batch.sample_rows) < len(batch.input_ids):
+        if len(batch.sample_rows) < n:
             rows = upload(batch.sample_rows, torch.int64, dev)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)

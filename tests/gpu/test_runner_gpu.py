@@ -69,10 +69,11 @@ def drive(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, chunk:
         runner_module.sample = real_sample
 
 
-def make_runner(backend: str, dtype: torch.dtype, graphs: bool) -> ModelRunner:
+def make_runner(backend: str, dtype: torch.dtype, graphs: bool, hybrid_tokens: int = 0) -> ModelRunner:
     torch.manual_seed(0)
     model = load_model(resolve("dummy:smollm2-135m"), make_backend(backend, DEV), DEV, dtype, seed=1)
-    runner = ModelRunner(model, DEV, dtype, cuda_graphs=graphs, graph_batch_sizes=(1, 2, 4, 8))
+    runner = ModelRunner(model, DEV, dtype, cuda_graphs=graphs, graph_batch_sizes=(1, 2, 4, 8),
+                         hybrid_graph_tokens=hybrid_tokens)
     runner.init_cache(len(PROMPT_LENS) * 32, BLOCK)
     return runner
 
@@ -118,6 +119,16 @@ def test_float32_triton_is_exact(graphs):
     ref = drive(make_runner("torch", torch.float32, graphs=False), prompts(), NEW_TOKENS)
     got = drive(make_runner("triton", torch.float32, graphs), prompts(), NEW_TOKENS)
     compare(ref, got, exact=True, tie_gap=0.0)
+
+
+@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+def test_piecewise_hybrid_graphs_match_torch_reference(torch_bf16, backend):
+    """Iterations with prefill chunks replayed as graphs cut at attention (--hybrid-graph-tokens)."""
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    runner = make_runner(backend, torch.bfloat16, True, hybrid_tokens=128)
+    assert runner.hybrid_graphs is not None and runner.hybrid_graphs.graphs
+    compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
 
 
 def test_graphs_match_eager_flashinfer():

@@ -128,8 +128,10 @@ class Attention(nn.Module):
         self.backend = backend
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q/k/v projection and rotary; stores k, v in the cache. -> q [tokens, heads, head_dim].
+        Reads only meta.slot_mapping, so it can run inside a CUDA graph of fixed token count."""
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -144,8 +146,14 @@ class Attention(nn.Module):
         else:
             q, k = rotary(q, k, positions)
             self.backend.write_kv(kv_cache, k, v, meta)
-        out = self.backend.forward(q, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, q_size))
+        return q
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The paged attention itself: the only part that reads the iteration's batch layout."""
+        return self.backend.forward(q, kv_cache, meta, self.scale)
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attn.reshape(attn.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -180,9 +188,19 @@ class DecoderLayer(nn.Module):
         Carrying the residual separately lets each norm fuse the preceding add; the sums are
         the same additions in the same order as x + attn(...) then x + mlp(...).
         """
+        q, residual = self.begin(x, residual, positions, rotary, kv_cache, meta)
+        return self.end(self.attn.attend(q, kv_cache, meta), residual)
+
+    def begin(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+              rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to attention: (input delta, residual) -> (q, residual)."""
         h, residual = self.input_norm(x, residual)
-        h = self.attn(h, positions, rotary, kv_cache, meta)
-        h, residual = self.post_attn_norm(h, residual)
+        return self.attn.project(h, positions, rotary, kv_cache, meta), residual
+
+    def end(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From attention's output: -> (this layer's output delta, residual)."""
+        h, residual = self.post_attn_norm(self.attn.output(attn), residual)
         return self.mlp(h), residual
 
 
