@@ -2,9 +2,14 @@
 # One batch of GPU-machine work, driven from the repo root on the device:
 #   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, attention, gemv, overhead,
 #                                             capacity-strict, capacity-relaxed)
-# It installs the carried wheels (.whl/, from ../shared/device/fetch-wheels plus the small pure-
-# Python ones the serving harness needs), restores FlashInfer's JIT cache from .fi_cache/fi.tgz
-# when carried, runs each part under its own time limit, and saves the cache to $OUT/fi.tgz.
+# It installs the carried wheels (.whl/: fill it once with benchmarks/fetch_device_wheels.sh),
+# regenerates the gRPC stubs for the host's grpcio, restores FlashInfer's JIT cache from
+# .fi_cache/fi.tgz when carried (copy the last run's $OUT/fi.tgz there: it saves minutes of
+# kernel compilation), runs each part under its own time limit (PART_LIMIT_S, default 300 s),
+# and saves the cache to $OUT/fi.tgz. With the device tool: run(command="bash
+# benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]). Knobs: BENCH_ARGS,
+# OVERHEAD_ARGS (e.g. "--server-arg=--hybrid-graph-tokens=512"), CAPACITY_SCALE,
+# CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE.
 set -uo pipefail
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory"
 export PYTHONPATH=/tmp/site:$PWD
