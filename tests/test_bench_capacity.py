@@ -72,3 +72,14 @@ def test_each_policy_may_carry_its_own_token_budget():
     from benchmarks.serving.cli import parse_policies
 
     assert parse_policies("sarathi:128, vllm:2048,orca") == [("sarathi", 128), ("vllm", 2048), ("orca", None)]
+
+
+def test_capacity_states_the_lengths_it_will_send_and_how_to_get_the_trace_s_own():
+    from benchmarks.serving.cli import capacity_parser, describe_workload
+    from benchmarks.serving.cli_common import workload_config
+
+    scaled = describe_workload(workload_config(capacity_parser().parse_args([])))
+    assert "chat x 0.03125" in scaled and "--length-scale 1" in scaled
+    full = describe_workload(workload_config(capacity_parser().parse_args(["--length-scale", "1"])))
+    assert "--length-scale" not in full
+    assert int(full.split("prompt median ")[1].split()[0]) > 1000   # the trace's own: 1,730-ish

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 from dataclasses import asdict, replace
 
@@ -34,7 +35,7 @@ from benchmarks.serving.iteration_trace import as_rows, iterations_since, last_s
 from benchmarks.serving.report import file_stem, write_run_report
 from benchmarks.serving.server_process import ServerStartError
 from benchmarks.serving.slo import Slo
-from benchmarks.serving.workload import build_workload
+from benchmarks.serving.workload import WorkloadConfig, build_workload
 
 # ---------------------------------------------------------------------------------------- bench
 
@@ -172,6 +173,18 @@ def parse_tbt_bound(text: str) -> tuple[float | None, float | None]:
     return float(text), None
 
 
+def describe_workload(config: WorkloadConfig) -> str:
+    """One line on the lengths a probe will send: the capacity defaults are sized for a CPU, and
+    a GPU run at those lengths measures something else without noticing."""
+    specs = build_workload(config)
+    prompts = statistics.median(s.num_prompt_tokens for s in specs)
+    outputs = statistics.median(s.num_output_tokens for s in specs)
+    scale = f" x {config.length_scale:g}" if config.trace and config.length_scale != 1 else ""
+    return (f"workload: {config.num_requests} requests per probe, {config.trace or config.lengths}{scale}: "
+            f"prompt median {prompts:g} tokens, output median {outputs:g}"
+            + (" (--length-scale 1 for the trace's own lengths)" if scale else ""))
+
+
 def main_capacity(argv: list[str] | None = None) -> int:
     args = capacity_parser().parse_args(argv)
     policies = parse_policies(args.policies)
@@ -189,6 +202,7 @@ def main_capacity(argv: list[str] | None = None) -> int:
         p50_scheduling_delay_s=args.slo_p50_scheduling_delay,
     )
     options = client_options(args)
+    console.print(describe_workload(config))
     results: list[CapacityResult] = []
     best_runs: dict[str, BenchResult] = {}
     decode_time_s: float | None = None
