@@ -70,14 +70,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
              context) -> Iterator[worker_pb2.StepResult]:
         if not self._stream_lock.acquire(blocking=False):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler holds the step stream")
+        feeder: threading.Thread | None = None
         try:
             # A new stream means a new scheduler: forget sequences from the previous one.
             self.runner.reset()
             # A feeder thread launches plans as they arrive, so the host prepares step i+1
             # while the device runs step i; this generator waits for each step's tokens in order.
             launched: queue.SimpleQueue = queue.SimpleQueue()
-            threading.Thread(target=self._feed, args=(request_iterator, launched), daemon=True,
-                             name="worker-launch").start()
+            feeder = threading.Thread(target=self._feed, args=(request_iterator, launched),
+                                      daemon=True, name="worker-launch")
+            feeder.start()
             while (item := launched.get()) is not None:
                 if isinstance(item, PlanError):
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(item))
@@ -85,6 +87,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     raise item
                 yield self.runner.finish(item).to_proto()
         finally:
+            # The next scheduler's stream must not meet this one's launches on the runner: the
+            # request iterator ends (or raises) once this RPC is over, and with it the feeder.
+            if feeder is not None:
+                feeder.join(timeout=30)
             self._stream_lock.release()
 
     def _feed(self, request_iterator: Iterator[worker_pb2.BatchPlan], launched: queue.SimpleQueue) -> None:
