@@ -27,8 +27,9 @@ class Iteration:
     num_preempted: int
     kv_blocks_used: int
     num_waiting: int
-    worker_forward_ms: float
-    worker_idle_ms: float
+    worker_forward_ms: float  # host time launching the forward (the forward itself on a CPU)
+    worker_idle_ms: float     # the device sat idle before this step (CUDA events on a GPU)
+    worker_device_ms: float   # the step's own time on the device
 
 
 async def last_step_id(address: str) -> int | None:
@@ -47,7 +48,7 @@ async def iterations_since(address: str, after_step: int) -> list[Iteration]:
     periods = [it.duration_s if i == 0 else ends[i] - ends[i - 1] for i, it in enumerate(chosen)]
     return [Iteration(it.step_id, it.start_s - t0, it.duration_s, period, it.num_prefill_tokens,
                       it.num_decode_tokens, it.num_preempted, it.kv_blocks_used, it.num_waiting,
-                      it.worker_forward_ns / 1e6, it.worker_idle_ns / 1e6)
+                      it.worker_forward_ns / 1e6, it.worker_idle_ns / 1e6, it.worker_device_ns / 1e6)
             for it, period in zip(chosen, periods, strict=True)]
 
 
@@ -68,11 +69,15 @@ def as_rows(iterations: list[Iteration]) -> list[dict]:
 
 
 def plot_iterations(iterations: list[Iteration], title: str, path: Path) -> None:
-    """Top: each iteration's time; bottom: its prefill and decode tokens. A prefill-first
-    scheduler shows as tall spikes with no decode tokens under them."""
+    """Top: each iteration's time and its device time; bottom: its prefill and decode tokens. A
+    prefill-first scheduler shows as tall spikes with no decode tokens under them."""
     fig, (times, tokens) = plt.subplots(2, 1, figsize=(8, 5), dpi=120, sharex=True)
     x = [it.start_s for it in iterations]
-    times.plot(x, [1000 * it.period_s for it in iterations], ".-", markersize=2, linewidth=0.6)
+    times.plot(x, [1000 * it.period_s for it in iterations], ".-", markersize=2, linewidth=0.6,
+               label="iteration")
+    # The gap between the two lines is time the device waited for the host.
+    times.plot(x, [it.worker_device_ms for it in iterations], "-", linewidth=0.6, label="device")
+    times.legend(fontsize=8, loc="upper right")
     times.set_ylabel("iteration (ms)")
     times.set_title(title)
     times.grid(alpha=0.3)
