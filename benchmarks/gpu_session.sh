@@ -9,7 +9,7 @@
 # and saves the cache to $OUT/fi.tgz. With the device tool: run(command="bash
 # benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]). Knobs: BENCH_ARGS,
 # OVERHEAD_ARGS (e.g. "--server-arg=--hybrid-graph-tokens=512"), CAPACITY_SCALE,
-# CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE.
+# CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS.
 set -uo pipefail
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory"
 export PYTHONPATH=/tmp/site:$PWD
@@ -28,6 +28,7 @@ capacity() {  # $1: strict or relaxed
         --lengths trace --trace chat --length-scale "${CAPACITY_SCALE:-1}" \
         --num-requests "${CAPACITY_REQUESTS:-64}" \
         --max-probes "${CAPACITY_PROBES:-5}" --rel-tol 0.2 --initial-rate "${CAPACITY_RATE:-2}" \
+        --probe-seconds "${CAPACITY_PROBE_SECONDS:-0}" \
         --startup-timeout 300 --no-progress --output-dir "$OUT/capacity-$1"
 }
 for part in "$@"; do

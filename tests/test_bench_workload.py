@@ -161,3 +161,15 @@ def test_bad_configs_are_refused():
         WorkloadConfig(prompt_tokens=(10, 5))
     with pytest.raises(ValueError):
         WorkloadConfig(arrivals="poisson", rate=0)
+
+
+def test_a_fast_probe_sends_enough_requests_to_span_its_minimum_duration():
+    from benchmarks.serving.workload import WorkloadConfig, build_workload, probe_workload
+
+    base = WorkloadConfig(num_requests=32, lengths="fixed", prompt_tokens=(8, 8), output_tokens=(4, 4))
+    assert probe_workload(base, 2.0, 10.0).num_requests == 32     # 20 would be fewer: keep 32
+    fast = probe_workload(base, 64.0, 10.0)
+    assert fast.num_requests == 640 and fast.rate == 64.0
+    arrivals = [s.arrival_s for s in build_workload(fast)]
+    assert arrivals[-1] > 8.0   # Poisson at 64 req/s over 640 requests: about 10 s of arrivals
+    assert probe_workload(base, 64.0, 0.0).num_requests == 32     # off by default

@@ -18,7 +18,7 @@ from benchmarks.serving.client import ClientOptions
 from benchmarks.serving.report import plot_cdfs, write_run_report
 from benchmarks.serving.server_metrics import wait_until_idle
 from benchmarks.serving.slo import EarlyFailRule, Slo
-from benchmarks.serving.workload import WorkloadConfig, build_workload, with_rate
+from benchmarks.serving.workload import WorkloadConfig, build_workload, probe_workload
 
 AUTO_INITIAL_FRACTION = 0.5
 AUTO_MIN_FRACTION = 1 / 8
@@ -78,7 +78,7 @@ async def search_policy(
     params = search_params(args, saturation_rate)
 
     async def probe(rate: float) -> Probe:
-        specs = build_workload(with_rate(config, rate))
+        specs = build_workload(probe_workload(config, rate, args.probe_seconds))
         rule = EarlyFailRule(slo, [s.num_output_tokens for s in specs])
         if endpoint.metrics_url is None:
             await asyncio.sleep(SETTLE_WITHOUT_METRICS_S)

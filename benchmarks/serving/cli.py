@@ -147,6 +147,13 @@ def capacity_parser() -> argparse.ArgumentParser:
         help="lowest rate probed (with auto: at least 1/8 of the saturated throughput)",
     )
     search.add_argument("--max-probes", type=int, default=6)
+    search.add_argument(
+        "--probe-seconds",
+        type=float,
+        default=0.0,
+        help="send at least rate x this many requests per probe, so that fast probes are not bursts "
+        "(default 0: always --num-requests)",
+    )
     search.add_argument("--rel-tol", type=float, default=0.2)
     add_output_args(parser, "capacity")
     return parser
@@ -232,12 +239,15 @@ def main_capacity(argv: list[str] | None = None) -> int:
         results.append(result)
         if best is not None:
             best_runs[policy] = best
-    title = f"Capacity, {config.num_requests} requests per probe, workload {config.trace or config.lengths}"
+    per_probe = f"{config.num_requests} requests per probe" + (
+        f" (at least {args.probe_seconds:g} s of arrivals)" if args.probe_seconds else "")
+    title = f"Capacity, {per_probe}, workload {config.trace or config.lengths}"
     console.print(capacity_table(results, slo, title))
     metadata = {
         "command": ["sarathi", "capacity", *(argv if argv is not None else sys.argv[1:])],
         "workload": asdict(config),
-        "search": {k: getattr(args, k) for k in ("initial_rate", "min_rate", "max_probes", "rel_tol")},
+        "search": {k: getattr(args, k) for k in ("initial_rate", "min_rate", "max_probes", "rel_tol",
+                                                 "probe_seconds")},
         "decode_time_s": decode_time_s,
         "tbt_slo_multiple": tbt_multiple,
         "chunk_size": args.chunk_size,

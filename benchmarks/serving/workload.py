@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +202,11 @@ def _arrivals(config: WorkloadConfig, rng: np.random.Generator, trace: list[Trac
 def with_rate(config: WorkloadConfig, rate: float) -> WorkloadConfig:
     """The same workload (same lengths) at another Poisson or gamma rate."""
     return WorkloadConfig(**{**config.__dict__, "rate": rate})
+
+
+def probe_workload(config: WorkloadConfig, rate: float, min_seconds: float) -> WorkloadConfig:
+    """The workload of a capacity probe at `rate`: at least config.num_requests requests, and
+    enough that arrivals span min_seconds. A fixed count turns a high-rate probe into a burst
+    that ends before any queue builds up, so it passes whatever the server's capacity."""
+    n = max(config.num_requests, math.ceil(rate * min_seconds))
+    return WorkloadConfig(**{**config.__dict__, "rate": rate, "num_requests": n})
