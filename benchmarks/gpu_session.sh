@@ -9,7 +9,9 @@
 # and saves the cache to $OUT/fi.tgz. With the device tool: run(command="bash
 # benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]). Knobs: BENCH_ARGS,
 # OVERHEAD_ARGS (e.g. "--server-arg=--hybrid-graph-tokens=512"), CAPACITY_SCALE,
-# CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS.
+# CAPACITY_POLICIES, CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS,
+# CAPACITY_ARGS (extra
+# capacity arguments, e.g. "--server-arg=--hybrid-graph-tokens=512").
 set -uo pipefail
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory"
 export PYTHONPATH=/tmp/site:$PWD
@@ -24,11 +26,12 @@ capacity() {  # $1: strict or relaxed
     # chat trace goes up to 8192 tokens), so theirs must hold the longest one.
     if [ "$1" = strict ]; then slo=5x; budget=512; else slo=25x; budget=2048; fi
     timeout "$limit" python3 -m sarathi.cli capacity --model dummy:llama3-8b --server-arg=--device=cuda \
-        --policies "sarathi:$budget,vllm:8192,orca:8192" --slo-p99-tbt "$slo" \
+        --policies "${CAPACITY_POLICIES:-sarathi:$budget,vllm:8192,orca:8192}" --slo-p99-tbt "$slo" \
         --lengths trace --trace chat --length-scale "${CAPACITY_SCALE:-1}" \
         --num-requests "${CAPACITY_REQUESTS:-64}" \
         --max-probes "${CAPACITY_PROBES:-5}" --rel-tol 0.2 --initial-rate "${CAPACITY_RATE:-2}" \
         --probe-seconds "${CAPACITY_PROBE_SECONDS:-0}" \
+        ${CAPACITY_ARGS:-} \
         --startup-timeout 300 --no-progress --output-dir "$OUT/capacity-$1"
 }
 for part in "$@"; do
