@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton.testing
 
+from benchmarks.graph_timing import microseconds_per_call
 from worker_service.attention import AttentionMetadata
 from worker_service.attention.flashinfer_backend import FlashInferAttention
 from worker_service.attention.triton_backend import TritonAttention
@@ -45,17 +45,8 @@ def time_variant(backend, batch: int, context: int) -> float:
     backend.begin_iteration(meta)
     q = torch.randn(batch, HEADS, DIM, device=DEV, dtype=torch.bfloat16)
 
-    def layers() -> None:
-        for cache in caches:
-            backend.forward(q, cache, meta, DIM ** -0.5)
-
-    layers()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layers()
-    ms = triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
-    return ms * 1e3 / LAYERS
+    return microseconds_per_call([lambda c=cache: backend.forward(q, c, meta, DIM ** -0.5)
+                                  for cache in caches])
 
 
 def main() -> None:
