@@ -214,7 +214,7 @@ class Engine:
             kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,
             preemptions_total=self.preemptions_total, iteration_s=record.duration_s,
             num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens,
-            **self._prefix_stats())))
+            device_busy_s=t.device_ns / 1e9, device_idle_s=t.idle_ns / 1e9, **self._prefix_stats())))
 
     def _prefix_stats(self) -> dict[str, int]:
         stats = getattr(self.scheduler.blocks, "prefix_stats", None) if self.scheduler else None

@@ -29,6 +29,8 @@ class EngineStats:
     num_decode_tokens: int
     prefix_cache_query_tokens: int = 0   # prompt tokens looked up in the prefix cache
     prefix_cache_hit_tokens: int = 0     # of which found (not recomputed)
+    device_busy_s: float = 0.0           # the step's own time on the worker's device
+    device_idle_s: float = 0.0           # the device's idle gap before the step
 
 
 class ServerMetrics:
@@ -54,6 +56,11 @@ class ServerMetrics:
                                 "Prompt tokens found in the prefix cache", registry=r)
         self.finished = Counter("sarathi_requests_finished", "Requests ended, by reason", ["reason"],
                                 registry=r)
+        # idle / (idle + busy) over a window is the share of time the device waited for the host.
+        self.device_busy = Counter("sarathi_device_busy_seconds", "Worker device time in steps",
+                                   registry=r)
+        self.device_idle = Counter("sarathi_device_idle_seconds",
+                                   "Worker device time idle between steps", registry=r)
 
     def observe_engine(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -67,6 +74,8 @@ class ServerMetrics:
         self.prefill_tokens.inc(s.num_prefill_tokens)
         self.prefix_query.set(s.prefix_cache_query_tokens)
         self.prefix_hit.set(s.prefix_cache_hit_tokens)
+        self.device_busy.inc(s.device_busy_s)
+        self.device_idle.inc(s.device_idle_s)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

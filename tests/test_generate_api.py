@@ -155,3 +155,11 @@ def test_many_concurrent_streams_all_complete(default_server):
     for t in threads:
         t.join(120)
     assert results == [8] * 16
+
+
+def test_metrics_count_the_device_s_busy_and_idle_time(default_server):
+    before = default_server.metrics()
+    collect(default_server.stub().Generate(text_request("Count to five:", max_tokens=6, ignore_eos=True)))
+    after = default_server.metrics()
+    assert after["sarathi_device_busy_seconds_total"] > before["sarathi_device_busy_seconds_total"]
+    assert after["sarathi_device_idle_seconds_total"] >= before["sarathi_device_idle_seconds_total"]
