@@ -336,13 +336,11 @@ class ModelRunner:
         hybrid = self.hybrid_graphs
         if hybrid is not None and n <= hybrid.max_tokens:
             padded = hybrid.load(ids, batch.positions, batch.slots)
-            self.backend.begin_iteration(meta)
-            step.begin = self._event()
+            self._plan_attention(meta, step)
             hidden = hybrid.run(padded, n, meta)
         else:
             pos = upload(batch.positions, torch.int64, dev)
-            self.backend.begin_iteration(meta)
-            step.begin = self._event()
+            self._plan_attention(meta, step)
             hidden = self.model(ids, pos, self.kv_caches, meta)
         if not batch.sample_seqs:
             return None
@@ -350,6 +348,12 @@ class ModelRunner:
             rows = upload(batch.sample_rows, torch.int64, dev)
             hidden = hidden[rows]
         return self.model.compute_logits(hidden)
+
+    def _plan_attention(self, meta: AttentionMetadata, step: LaunchedStep) -> None:
+        """Plans attention for the batch, then marks the step's start: the inputs are in place
+        and the model's first kernel comes next."""
+        self.backend.begin_iteration(meta)
+        step.begin = self._event()
 
     def _fill_device_inputs(self, ids: torch.Tensor, batch: HostBatch) -> None:
         """Input tokens that earlier steps sampled and the host has not seen yet, copied on the

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def host_tensor(values, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+def pinned_tensor(values, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor for a library that copies it to the device itself (FlashInfer's plan): pinned
     so that its copy, too, never waits for the stream."""
-    return torch.tensor(values, dtype=dtype, pin_memory=pinned)
+    return torch.tensor(values, dtype=dtype, pin_memory=True)
 
 
 def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

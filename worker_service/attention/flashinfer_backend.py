@@ -15,7 +15,7 @@ import torch
 
 from kernels.kv_write import write_kv
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
-from worker_service.upload import host_tensor, upload
+from worker_service.upload import pinned_tensor, upload
 
 _WORKSPACE_BYTES = 256 << 20
 
@@ -57,8 +57,8 @@ class FlashInferAttention(AttentionBackend):
         last = [n - (p - 1) * bs for n, p in zip(ctx, pages, strict=True)]
         # Plan reads the index pointers on the host: hand it host tensors, so it never syncs.
         # Pinned: plan copies them to the device, and a pageable copy would wait for the GPU.
-        indptr_t = host_tensor(indptr, torch.int32, pinned=True)
-        last_t = host_tensor(last, torch.int32, pinned=True)
+        indptr_t = pinned_tensor(indptr, torch.int32)
+        last_t = pinned_tensor(last, torch.int32)
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if meta.graph_batch_size:
             wrapper = self._graph_wrapper(meta.graph_batch_size, meta.block_tables.shape[1])
@@ -81,7 +81,7 @@ class FlashInferAttention(AttentionBackend):
             wrapper.plan(indptr_t, indices, last_t, num_heads, num_kv_heads, head_dim, bs, **common)
         else:
             wrapper = self.prefill
-            qo_indptr = host_tensor(meta.query_start_host, torch.int32, pinned=True)
+            qo_indptr = pinned_tensor(meta.query_start_host, torch.int32)
             wrapper.plan(qo_indptr, indptr_t, indices, last_t, num_heads, num_kv_heads,
                          head_dim, bs, causal=True, **common)
         self.active = wrapper
