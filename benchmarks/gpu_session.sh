@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One batch of GPU-machine work, driven from the repo root on the device:
-#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, attention, gemv, overhead,
-#                                             capacity-strict, capacity-relaxed)
+#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, profile, attention, gemv,
+#                                             overhead, capacity-strict, capacity-relaxed)
 # It installs the carried wheels (.whl/: fill it once with benchmarks/fetch_device_wheels.sh),
 # regenerates the gRPC stubs for the host's grpcio, restores FlashInfer's JIT cache from
 # .fi_cache/fi.tgz when carried (copy the last run's $OUT/fi.tgz there: it saves minutes of
 # kernel compilation), runs each part under its own time limit (PART_LIMIT_S, default 300 s),
 # and saves the cache to $OUT/fi.tgz. With the device tool: run(command="bash
-# benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]). Knobs: BENCH_ARGS,
+# benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]). Knobs: TEST_K (a pytest -k expression), BENCH_ARGS, PROFILE_ARGS,
 # OVERHEAD_ARGS (e.g. "--server-arg=--hybrid-graph-tokens=512"), CAPACITY_SCALE,
 # CAPACITY_POLICIES, CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS,
 # CAPACITY_ARGS (extra
@@ -37,9 +37,10 @@ capacity() {  # $1: strict or relaxed
 for part in "$@"; do
     echo "=== $part ($(date -u +%T))"
     case $part in
-        tests) timeout "$limit" bash tests/gpu/run_on_device.sh ;;
+        tests) timeout "$limit" bash tests/gpu/run_on_device.sh ${TEST_K:+-k "$TEST_K"} ;;
         bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" \
             ${BENCH_ARGS:-} ;;
+        profile) timeout "$limit" python3 benchmarks/decode_profile.py ${PROFILE_ARGS:-} ;;
         attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
         gemv) timeout "$limit" bash tests/gpu/run_on_device.sh -k gemv | tail -2
               timeout "$limit" python3 benchmarks/gemv_sweep.py ;;

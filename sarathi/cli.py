@@ -38,9 +38,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-seed", type=int, default=0, help="seed of dummy weights")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode iterations eagerly (default: CUDA graphs on GPUs)")
-    g.add_argument("--hybrid-graph-tokens", type=int, default=0,
-                   help="also run iterations with prefill chunks of up to this many tokens as "
-                        "piecewise CUDA graphs (cut at attention; experimental, default off)")
+    g.add_argument("--hybrid-graph-tokens", type=int, default=None,
+                   help="on GPUs, also run iterations with prefill chunks of up to this many tokens "
+                        "as piecewise CUDA graphs, cut at attention (default 512, the size measured "
+                        "on an H100; under `serve` at most --chunk-size; 0: off)")
     g = p.add_argument_group("replica layout (tensor and pipeline parallelism)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks sharing each stage's layers")
     g.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages, each a slice of the layers")
@@ -76,8 +77,9 @@ def run_worker(args: argparse.Namespace) -> None:
     start = time.monotonic()
     model = load_model(source, make_backend(args.attention, device), device, dtype, seed=args.weights_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    runner = ModelRunner(model, device, dtype, cuda_graphs=False if args.no_cuda_graphs else None,
-                         hybrid_graph_tokens=args.hybrid_graph_tokens)
+    graphs = device.type == "cuda" and not args.no_cuda_graphs
+    hybrid_tokens = (512 if args.hybrid_graph_tokens is None else args.hybrid_graph_tokens) if graphs else 0
+    runner = ModelRunner(model, device, dtype, cuda_graphs=graphs, hybrid_graph_tokens=hybrid_tokens)
     server = serve_worker(runner, args.host, args.port, weight_bytes, int(args.cpu_cache_gib * (1 << 30)))
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
           f"loaded in {time.monotonic() - start:.1f} s; listening on {args.host}:{args.port}", flush=True)
@@ -165,6 +167,8 @@ def run_serve(args: argparse.Namespace) -> None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
     if args.no_cuda_graphs:
         cmd.append("--no-cuda-graphs")
+    if args.hybrid_graph_tokens is None:  # no graphs for iterations the budget never forms
+        cmd += ["--hybrid-graph-tokens", str(min(args.chunk_size, 512))]
     world = args.tensor_parallel_size * args.pipeline_parallel_size
     if world > 1:  # the whole replica on this host: rank 0 serves gRPC, the others follow it
         cmd += ["--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
