@@ -7,12 +7,28 @@
 # .fi_cache/fi.tgz when carried (copy the last run's $OUT/fi.tgz there: it saves minutes of
 # kernel compilation), runs each part under its own time limit (PART_LIMIT_S, default 300 s),
 # and saves the cache to $OUT/fi.tgz. With the device tool: run(command="bash
-# benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]). Knobs: TEST_K (a pytest -k expression), BENCH_ARGS, PROFILE_ARGS,
-# OVERHEAD_ARGS (e.g. "--server-arg=--hybrid-graph-tokens=512"), CAPACITY_SCALE,
-# CAPACITY_POLICIES, CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS,
-# CAPACITY_ARGS (extra
-# capacity arguments, e.g. "--server-arg=--hybrid-graph-tokens=512").
+# benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]).
+# Knobs: TEST_K (a pytest -k expression), BENCH_ARGS, PROFILE_ARGS, OVERHEAD_ARGS (e.g.
+# "--server-arg=--no-overlap"), SMOLLM2_GGUF (the real weights, for the transformers agreement
+# test), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES, CAPACITY_REQUESTS,
+# CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals per probe, default
+# 15: shorter probes at high rates are bursts, not a steady state), CAPACITY_ARGS (extra capacity
+# arguments).
+#
+# The real SmolLM2 weights (98 MB) exceed what one call carries (64 MiB): split them here with
+# `bash benchmarks/smollm2_halves.sh`, then on one warm machine run `bash benchmarks/gpu_session.sh
+# smollm2` twice, carrying [".smol/a"] and then [".smol/b"]; later parts find ~/smol's copy.
 set -uo pipefail
+smol=~/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "$*" = smollm2 ]; then  # carries no wheels: only moves a half into ~/smol
+    mkdir -p ~/smol && cp .smol/*/smolpart.* ~/smol/
+    if [ -f ~/smol/smolpart.aa ] && [ -f ~/smol/smolpart.ab ]; then
+        cat ~/smol/smolpart.aa ~/smol/smolpart.ab > "$smol" && rm ~/smol/smolpart.*
+    fi
+    ls -l ~/smol
+    exit 0
+fi
+[ -z "${SMOLLM2_GGUF:-}" ] && [ -f "$smol" ] && export SMOLLM2_GGUF=$smol
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory"
 export PYTHONPATH=/tmp/site:$PWD
 python3 -m protos.generate   # stubs for the host's grpcio (a grpcio-tools wheel of that version)
@@ -30,7 +46,7 @@ capacity() {  # $1: strict or relaxed
         --lengths trace --trace chat --length-scale "${CAPACITY_SCALE:-1}" \
         --num-requests "${CAPACITY_REQUESTS:-64}" \
         --max-probes "${CAPACITY_PROBES:-5}" --rel-tol 0.2 --initial-rate "${CAPACITY_RATE:-2}" \
-        --probe-seconds "${CAPACITY_PROBE_SECONDS:-0}" \
+        --probe-seconds "${CAPACITY_PROBE_SECONDS:-15}" \
         ${CAPACITY_ARGS:-} \
         --startup-timeout 300 --no-progress --output-dir "$OUT/capacity-$1"
 }

@@ -61,7 +61,7 @@ def chat_prompts(tokenizer) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def hf_greedy(hf, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+def transformers_greedy(hf, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' greedy continuation and its logits at each step (a full forward each time:
     the prompts are short, and no cache API is involved)."""
     ids = list(prompt)
@@ -112,10 +112,10 @@ def test_smollm2_bf16_agrees_with_transformers(models, batch):
     prompts = chat_prompts(tokenizer)
     assert len(prompts) == 32
     our_tokens, our_logits = run_worker_path(ours, prompts, batch)
-    ref = {i: hf_greedy(hf, p) for i, p in enumerate(prompts)}
+    ref = {i: transformers_greedy(hf, p) for i, p in enumerate(prompts)}
     identical, worst = agreement(ref, our_tokens, our_logits)
     # How far bf16 itself moves either side from the float32 model: the scale of the noise.
-    ref32 = {i: hf_greedy(hf32, p) for i, p in enumerate(prompts)}
+    ref32 = {i: transformers_greedy(hf32, p) for i, p in enumerate(prompts)}
     hf_vs_32 = agreement(ref32, {i: t for i, (t, _) in ref.items()}, {i: lg for i, (_, lg) in ref.items()})
     ours_vs_32 = agreement(ref32, our_tokens, our_logits)
     print(f"batch {batch}: ours vs transformers bf16: {identical}/32 identical, {worst:.4f} nats; "
