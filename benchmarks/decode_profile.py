@@ -4,8 +4,9 @@ On the GPU machine (repo root, PYTHONPATH=$PWD):
   python3 benchmarks/decode_profile.py [--model llama3-8b] [--batches 1 64] [--context 1024]
 For each batch it replays the captured decode graph under torch.profiler and prints one table:
 kernel group (matmul, attention, norm, rotary, KV store, activation, sampling, other), kernel
-launches, device microseconds per step, share, and for matmuls the bytes of weights read per
-second. The floor column says what the HBM floor allows each group.
+launches, device microseconds per step and share, and for matmuls (weights) and attention (KV)
+what the HBM floor allows them. Then the costliest kernels, and the slowest single launches of
+one replay with their place in the step (which layer and projection a slow one is).
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def group_of(name: str) -> str:
 
 
 def profile_replay(graph: torch.cuda.CUDAGraph, repeats: int) -> list[tuple[str, float]]:
-    """(kernel name, device us) for every kernel of `repeats` replays."""
+    """(kernel name, device us) for every kernel of `repeats` replays, in launch order."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             graph.replay()
         torch.cuda.synchronize()
-    return [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"]
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                     key=lambda e: e.time_range.start)
+    return [(e.name, e.device_time) for e in kernels]
 
 
 def main() -> None:
