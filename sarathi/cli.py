@@ -156,9 +156,8 @@ def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None
         pass
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    """A scheduler (this process + its engine process) and one worker subprocess."""
-    worker_port = args.worker_port or free_port()
+def worker_command(args: argparse.Namespace, worker_port: int) -> list[str]:
+    """The `sarathi worker` command line that `serve` starts (its rank appended per process)."""
     cmd = [sys.executable, "-m", "sarathi.cli", "worker", "--host", "127.0.0.1", "--port", str(worker_port)]
     for flag in ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
                  "tensor_parallel_size", "pipeline_parallel_size", "hybrid_graph_tokens"):
@@ -173,7 +172,16 @@ def run_serve(args: argparse.Namespace) -> None:
     if world > 1:  # the whole replica on this host: rank 0 serves gRPC, the others follow it
         cmd += ["--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
                 "--dist-init", f"127.0.0.1:{free_port()}"]
+    return cmd
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """A scheduler (this process + its engine process) and one worker subprocess."""
     from sarathi.lifecycle import dies_with_this_process
+
+    worker_port = args.worker_port or free_port()
+    cmd = worker_command(args, worker_port)
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
 
     workers = [subprocess.Popen(cmd + ["--rank", str(rank)], preexec_fn=dies_with_this_process())
                for rank in range(world)]
@@ -296,6 +304,20 @@ def main(argv: list[str] | None = None) -> None:
 
         return (bench_cli.main_bench if argv[0] == "bench" else bench_cli.main_capacity)(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        run_worker(args)
+    elif args.command == "scheduler":
+        run_scheduler(args, args.worker)
+    elif args.command == "serve":
+        run_serve(args)
+    elif args.command == "generate":
+        run_generate(args)
+    elif args.command == "demo":
+        run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -333,18 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--model", default=None)
     p = sub.add_parser("bench", help="serving benchmark against a server (see `sarathi bench -h`)")
     p = sub.add_parser("capacity", help="capacity search per policy (see `sarathi capacity -h`)")
-
-    args = parser.parse_args(argv)
-    if args.command == "worker":
-        run_worker(args)
-    elif args.command == "scheduler":
-        run_scheduler(args, args.worker)
-    elif args.command == "serve":
-        run_serve(args)
-    elif args.command == "generate":
-        run_generate(args)
-    elif args.command == "demo":
-        run_demo(args)
+    return parser
 
 
 if __name__ == "__main__":
