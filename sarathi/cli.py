@@ -21,6 +21,9 @@ def free_port() -> int:
 
 
 # --- worker ---------------------------------------------------------------------------------
+HYBRID_GRAPH_TOKENS = 512  # the default: the largest size measured on an H100
+
+
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("worker")
     g.add_argument("--model", default=None,
@@ -40,8 +43,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="run decode iterations eagerly (default: CUDA graphs on GPUs)")
     g.add_argument("--hybrid-graph-tokens", type=int, default=None,
                    help="on GPUs, also run iterations with prefill chunks of up to this many tokens "
-                        "as piecewise CUDA graphs, cut at attention (default 512, the size measured "
-                        "on an H100; under `serve` at most --chunk-size; 0: off)")
+                        f"as piecewise CUDA graphs, cut at attention (default {HYBRID_GRAPH_TOKENS}, the "
+                        "size measured on an H100; under `serve` at most --chunk-size; 0: off)")
     g = p.add_argument_group("replica layout (tensor and pipeline parallelism)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks sharing each stage's layers")
     g.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages, each a slice of the layers")
@@ -78,7 +81,12 @@ def run_worker(args: argparse.Namespace) -> None:
     model = load_model(source, make_backend(args.attention, device), device, dtype, seed=args.weights_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     graphs = device.type == "cuda" and not args.no_cuda_graphs
-    hybrid_tokens = (512 if args.hybrid_graph_tokens is None else args.hybrid_graph_tokens) if graphs else 0
+    if not graphs:
+        hybrid_tokens = 0
+    elif args.hybrid_graph_tokens is None:
+        hybrid_tokens = HYBRID_GRAPH_TOKENS
+    else:
+        hybrid_tokens = args.hybrid_graph_tokens
     runner = ModelRunner(model, device, dtype, cuda_graphs=graphs, hybrid_graph_tokens=hybrid_tokens)
     server = serve_worker(runner, args.host, args.port, weight_bytes, int(args.cpu_cache_gib * (1 << 30)))
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
@@ -167,7 +175,7 @@ def worker_command(args: argparse.Namespace, worker_port: int) -> list[str]:
     if args.no_cuda_graphs:
         cmd.append("--no-cuda-graphs")
     if args.hybrid_graph_tokens is None:  # no graphs for iterations the budget never forms
-        cmd += ["--hybrid-graph-tokens", str(min(args.chunk_size, 512))]
+        cmd += ["--hybrid-graph-tokens", str(min(args.chunk_size, HYBRID_GRAPH_TOKENS))]
     world = args.tensor_parallel_size * args.pipeline_parallel_size
     if world > 1:  # the whole replica on this host: rank 0 serves gRPC, the others follow it
         cmd += ["--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
