@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from benchmarks.graph_timing import microseconds_per_call
+from kernels.paged_decode import paged_decode
 from worker_service.attention import AttentionMetadata
 from worker_service.attention.flashinfer_backend import FlashInferAttention
 from worker_service.attention.triton_backend import TritonAttention
@@ -23,10 +24,25 @@ DEV = torch.device("cuda")
 HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
 
 
-def variants():
-    yield "flashinfer, tensor cores", FlashInferAttention(DEV, decode_tensor_cores=True)
-    yield "flashinfer, CUDA cores", FlashInferAttention(DEV, decode_tensor_cores=False)
-    yield "triton (ours)", TritonAttention()
+class FixedSplits(TritonAttention):
+    """Our split-KV decode kernel with a given number of ranges per (sequence, KV head)."""
+
+    def __init__(self, splits: int) -> None:
+        super().__init__()
+        self.splits = splits
+
+    def forward(self, q, kv_cache, meta, scale):
+        return paged_decode(q, kv_cache, meta, scale, splits=self.splits)
+
+
+def variants(sweep: list[int]):
+    yield "flashinfer, tensor cores", FlashInferAttention(DEV, decode_tensor_cores=True,
+                                                          split_decode_max_batch=0)
+    yield "flashinfer, CUDA cores", FlashInferAttention(DEV, decode_tensor_cores=False,
+                                                        split_decode_max_batch=0)
+    yield "triton split-KV (ours, splits by batch)", TritonAttention()
+    for n in sweep:
+        yield f"triton split-KV, {n} splits", FixedSplits(n)
 
 
 def time_variant(backend, batch: int, context: int) -> float:
@@ -53,11 +69,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--splits", type=int, nargs="*", default=[1, 4, 8, 16, 32],
+                    help="fixed split counts to time beside the default choice")
     args = ap.parse_args()
     print(f"Decode attention per layer call, context {args.context}, {torch.cuda.get_device_name()}\n")
     print("| variant | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
     print("| --- |" + " --- |" * len(args.batches))
-    for name, backend in variants():
+    for name, backend in variants(args.splits):
         cells = []
         for b in args.batches:
             try:

@@ -38,7 +38,8 @@ from worker_service.runner import ModelRunner  # noqa: E402
 
 # Kernel names (ours, FlashInfer's, cuBLAS's, torch's) to the group they belong to; first match.
 GROUPS = (
-    ("attention", ("batchdecode", "batchprefill", "flashinfer", "paged_attention", "attn")),
+    ("attention", ("batchdecode", "batchprefill", "flashinfer", "paged_attention", "attn",
+                   "decode_split", "merge_splits")),
     ("matmul", ("gemv", "gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")),
     ("norm", ("rms", "norm")),
     ("rotary", ("rotary", "rope")),
@@ -76,10 +77,15 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=CONTEXT)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--top", type=int, default=12, help="also list this many costliest kernels")
+    ap.add_argument("--split-decode-max-batch", type=int, default=None,
+                    help="FlashInfer backend: decode batches up to this size run our split-KV "
+                         "kernel (0: none; default: the backend's own)")
     args = ap.parse_args()
 
     model = load_model(resolve(f"dummy:{args.model}"), make_backend(args.backend, DEV), DEV,
                        torch.bfloat16)
+    if args.split_decode_max_batch is not None:
+        model.backend.split_decode_max_batch = args.split_decode_max_batch
     runner = ModelRunner(model, DEV, torch.bfloat16, graph_batch_sizes=tuple(args.batches))
     blocks = (16 << 30) // runner.bytes_per_block(BLOCK)
     runner.init_cache(blocks, BLOCK)

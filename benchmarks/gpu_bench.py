@@ -252,6 +252,9 @@ def main() -> None:
     ap.add_argument("--hybrid-graph-tokens", type=int, default=0,
                     help="iterations with prefill chunks up to this many tokens as piecewise graphs")
     ap.add_argument("--kv-gb", type=float, default=24.0)
+    ap.add_argument("--split-decode-max-batch", type=int, default=None,
+                    help="FlashInfer backend: decode batches up to this size run our split-KV "
+                         "kernel (0: none; default: the backend's own)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rows: list[tuple[str, str, str, str]] = []
@@ -266,6 +269,8 @@ def main() -> None:
     t = time.perf_counter()
     source = resolve(f"dummy:{args.model}")
     model = load_model(source, make_backend(args.backend, DEV), DEV, torch.bfloat16)
+    if args.split_decode_max_batch is not None:
+        model.backend.split_decode_max_batch = args.split_decode_max_batch
     backend_name = type(model.backend).__name__
     sizes = tuple(sorted(set(DECODE_BATCHES) | {1, 2, 4}))
     runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=not args.no_graphs,
@@ -298,6 +303,21 @@ def main() -> None:
                          f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})", "", ""))
             results[f"decode_eager_{b}"] = vars(times)
         runner.graphs = graphs
+    split = getattr(model.backend, "split_decode_max_batch", 0)
+    if runner.graphs is not None and split:
+        # The same steps with FlashInfer's own decode kernels, to show what split-KV buys.
+        model.backend.split_decode_max_batch = 0
+        runner.graphs.capture()
+        for b in (b for b in DECODE_BATCHES if b <= split):
+            times = bench_decode(driver, b, args.steps)
+            floor = (weights + kv_bytes(config, b * CONTEXT)) / bw
+            rows.append((f"decode step, batch {b}, FlashInfer decode (split-KV off)",
+                         f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f}, "
+                         f"GPU {times.device * 1e3:.2f})",
+                         f"{floor * 1e3:.2f} ms", f"{times.served / floor:.2f}x floor"))
+            results[f"decode_fi_{b}"] = vars(times)
+        model.backend.split_decode_max_batch = split
+        runner.graphs.capture()
 
     for n in (512, 2048, 8192):
         s = bench_prefill(driver, n, 3)
@@ -328,7 +348,8 @@ def main() -> None:
                          f"{b / ours:.0f} vs {b / hf:.0f} tok/s: {hf / ours:.1f}x"))
             results[f"hf_step_{b}"] = hf
 
-    header = (f"Model {args.model} (dummy bf16 weights), backend {backend_name}, "
+    header = (f"Model {args.model} (dummy bf16 weights), backend {backend_name}"
+              f"{f' (split-KV decode up to batch {split})' if split else ''}, "
               f"CUDA graphs {'off' if args.no_graphs else 'on'}, "
               f"hybrid graphs up to {args.hybrid_graph_tokens} tokens, block {BLOCK}, "
               f"on {results['device']}")

@@ -10,6 +10,7 @@ from kernels.gemv import gemv, linear_ref
 from kernels.kv_write import write_kv, write_kv_ref
 from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 from kernels.paged_attention import paged_attention
+from kernels.paged_decode import paged_decode
 from kernels.rotary import rotary_, rotary_and_cache_, rotary_ref
 from worker_service.attention import AttentionMetadata
 
@@ -167,9 +168,57 @@ def test_paged_attention(dtype, heads, kv_heads, head_dim, batch, block_size):
     assert rel_err(out, ref) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
 
 
+DECODE_CONTEXTS = [[1], [1000], [17, 1, 300, 64, 1000, 2049, 5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("contexts", DECODE_CONTEXTS)
+@pytest.mark.parametrize("splits", [1, 3, 16, 32, None])
+def test_paged_decode_split_kv(dtype, heads, kv_heads, head_dim, contexts, splits):
+    from worker_service.attention.torch_ref import TorchAttention
+
+    meta = random_batch([1] * len(contexts), contexts, 16, num_blocks=512)
+    cache = torch.randn(512, 2, 16, kv_heads, head_dim, device=DEV, dtype=dtype)
+    q = torch.randn(len(contexts), heads, head_dim, device=DEV, dtype=dtype)
+    scale = head_dim ** -0.5
+    ref = TorchAttention().forward(q.double(), cache.double(), meta, scale)
+    out = paged_decode(q, cache, meta, scale, splits=splits)
+    assert rel_err(out, ref) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
+
+
+def test_paged_decode_graph_replays_for_new_contexts():
+    """The grid depends on the batch alone: a graph captured at one context is right at others."""
+    from worker_service.attention.torch_ref import TorchAttention
+
+    heads, kv_heads, head_dim, batch = 32, 8, 128, 2
+    cache = torch.randn(512, 2, 16, kv_heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    meta = random_batch([1, 1], [40, 900], 16, num_blocks=512)
+    tables = torch.zeros(batch, 512 // batch, dtype=torch.int32, device=DEV)
+    static = AttentionMetadata(
+        query_start=meta.query_start, context_lens=meta.context_lens.clone(), block_tables=tables,
+        slot_mapping=meta.slot_mapping, block_size=16, query_start_host=[0, 1, 2],
+        context_lens_host=[40, 900], num_decode_only=True, graph_batch_size=batch)
+    out = torch.empty_like(q)
+    paged_decode(q, cache, static, head_dim ** -0.5, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode(q, cache, static, head_dim ** -0.5, out=out)
+    for contexts in ([40, 900], [1, 2000], [1500, 3]):
+        meta = random_batch([1, 1], contexts, 16, num_blocks=512)
+        static.context_lens.copy_(meta.context_lens)
+        tables.zero_()
+        tables[:, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        graph.replay()
+        ref = TorchAttention().forward(q.double(), cache.double(), meta, head_dim ** -0.5)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
 @pytest.mark.parametrize("batch", BATCHES)
-def test_flashinfer_backend(heads, kv_heads, head_dim, batch):
+@pytest.mark.parametrize("split_decode_max_batch", [0, 16])
+def test_flashinfer_backend(heads, kv_heads, head_dim, batch, split_decode_max_batch):
     pytest.importorskip("flashinfer")
     from worker_service.attention.flashinfer_backend import FlashInferAttention
     from worker_service.attention.torch_ref import TorchAttention
@@ -179,7 +228,7 @@ def test_flashinfer_backend(heads, kv_heads, head_dim, batch):
     meta = random_batch(query_lens, context_lens, block_size, num_blocks=256)
     cache = torch.randn(256, 2, block_size, kv_heads, head_dim, device=DEV, dtype=dtype)
     q = torch.randn(sum(query_lens), heads, head_dim, device=DEV, dtype=dtype)
-    backend = FlashInferAttention(DEV)
+    backend = FlashInferAttention(DEV, split_decode_max_batch=split_decode_max_batch)
     backend.configure(heads, kv_heads, head_dim, dtype)
     backend.begin_iteration(meta)
     out = backend.forward(q, cache, meta, head_dim ** -0.5)

@@ -2,7 +2,10 @@
 
 Hybrid iterations (any prefill chunk) go through BatchPrefillWithPagedKVCacheWrapper, which
 covers prefill chunks and decodes in one launch per layer; decode-only iterations go through
-the decode wrapper (tensor-core variant, which suits GQA groups). CUDA-graph decode batches get
+the decode wrapper (tensor-core variant, which suits GQA groups), except small ones: at most
+`split_decode_max_batch` sequences go to our split-KV Triton kernel (kernels/paged_decode.py),
+which spreads one sequence's context over the whole GPU in fewer, cheaper launches than
+FlashInfer's split-and-merge at that size (benchmarks/attention_decode.py). CUDA-graph decode batches get
 a decode wrapper of their own per padded batch size, whose index buffers stay at fixed
 addresses so that planning before a replay updates what the captured kernels read.
 K/V are written by our Triton kernel (slot mapping; negative slots are graph padding).
@@ -14,20 +17,27 @@ import flashinfer
 import torch
 
 from kernels.kv_write import write_kv
+from kernels.paged_decode import paged_decode
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
 from worker_service.upload import pinned_tensor, upload
 
 _WORKSPACE_BYTES = 256 << 20
+SPLIT_DECODE_MAX_BATCH = 16
 
 
 class FlashInferAttention(AttentionBackend):
     writes_kv_by_slot = True
 
-    def __init__(self, device: torch.device, decode_tensor_cores: bool = True) -> None:
+    def __init__(self, device: torch.device, decode_tensor_cores: bool = True,
+                 split_decode_max_batch: int = SPLIT_DECODE_MAX_BATCH) -> None:
         """decode_tensor_cores: decodes through FlashInfer's tensor-core (prefill-style) kernel,
-        which suits GQA groups, rather than its CUDA-core decode kernel."""
+        which suits GQA groups, rather than its CUDA-core decode kernel.
+        split_decode_max_batch: decode-only batches up to this size run our split-KV kernel
+        (0: FlashInfer for every batch)."""
         self.device = device
         self.decode_tensor_cores = decode_tensor_cores
+        self.split_decode_max_batch = split_decode_max_batch
+        self._split_decode = False
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -50,6 +60,10 @@ class FlashInferAttention(AttentionBackend):
         num_heads, num_kv_heads, head_dim = self.shape
         bs = meta.block_size
         ctx = meta.context_lens_host
+        # Reads the block table and context lengths on the device: nothing to plan.
+        self._split_decode = meta.num_decode_only and len(ctx) <= self.split_decode_max_batch
+        if self._split_decode:
+            return
         pages = [(n + bs - 1) // bs for n in ctx]
         indptr = [0]
         for p in pages:
@@ -95,6 +109,8 @@ class FlashInferAttention(AttentionBackend):
     def graph_prologue(self, meta: AttentionMetadata) -> None:
         """Page ids and last-page lengths from the static context lengths and block table, into
         the graph wrapper's buffers, with fixed-shape ops only (capturable)."""
+        if meta.graph_batch_size <= self.split_decode_max_batch:
+            return  # the split-KV kernel reads the static buffers themselves
         wrapper = self.graph_decode[meta.graph_batch_size]
         bs = meta.block_size
         ctx = meta.context_lens
@@ -141,4 +157,6 @@ class FlashInferAttention(AttentionBackend):
                 scale: float) -> torch.Tensor:
         if q.stride(-2) != q.shape[-1] or q.stride(0) != q.shape[1] * q.shape[2]:
             q = q.contiguous()  # the kernels take q packed
+        if self._split_decode:
+            return paged_decode(q, kv_cache, meta, scale)
         return self.active.run(q, kv_cache)

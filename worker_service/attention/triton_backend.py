@@ -6,6 +6,7 @@ import torch
 
 from kernels.kv_write import write_kv
 from kernels.paged_attention import paged_attention
+from kernels.paged_decode import paged_decode
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -25,4 +26,6 @@ class TritonAttention(AttentionBackend):
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
+        if meta.num_decode_only:
+            return paged_decode(q, kv_cache, meta, scale)
         return paged_attention(q, kv_cache, meta, scale, self._max_query_len)
