@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batch of GPU-machine work, driven from the repo root on the device:
-#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, profile, attention, gemv,
+#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, bench-hf (with transformers
+#                                             generate), profile, attention, gemv,
 #                                             overhead, capacity-strict, capacity-relaxed)
 # It installs the carried wheels (.whl/: fill it once with benchmarks/fetch_device_wheels.sh),
 # regenerates the gRPC stubs for the host's grpcio, restores FlashInfer's JIT cache from
@@ -55,6 +56,8 @@ for part in "$@"; do
     case $part in
         tests) timeout "$limit" bash tests/gpu/run_on_device.sh ${TEST_K:+-k "$TEST_K"} ;;
         bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" \
+            ${BENCH_ARGS:-} ;;
+        bench-hf) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --out "$OUT" \
             ${BENCH_ARGS:-} ;;
         profile) timeout "$limit" python3 benchmarks/decode_profile.py ${PROFILE_ARGS:-} ;;
         attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
