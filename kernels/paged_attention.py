@@ -24,6 +24,32 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 
 
 @triton.jit
+def attend_tile(q, acc, m_i, l_i, cache_ptr, table, n, n_ok, visible, kvh, block_size,
+                c_block_stride, c_kv_stride, c_slot_stride, c_head_stride, qk_scale, d,
+                IEEE: tl.constexpr):
+    """One BLOCK_N tile of keys n (gathered through the block table `table`) folded into the
+    online softmax of q's rows: -> (acc, m_i, l_i). Scores outside `visible` count as -inf."""
+    blk = tl.load(table + n // block_size, mask=n_ok, other=0).to(tl.int64)
+    off = blk * c_block_stride + (n % block_size) * c_slot_stride + kvh * c_head_stride
+    k = tl.load(cache_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(cache_ptr + c_kv_stride + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _paged_attention_kernel(
         q_ptr, out_ptr, cache_ptr, tables_ptr, qstart_ptr, ctx_ptr,
         q_tok_stride, q_head_stride, o_tok_stride, o_head_stride,
@@ -57,27 +83,10 @@ def _paged_attention_kernel(
         for start in range(0, kv_end, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_ok = n < kv_end
-            blk = tl.load(table + n // block_size, mask=n_ok, other=0).to(tl.int64)
-            off = blk * c_block_stride + (n % block_size) * c_slot_stride + kvh * c_head_stride
-            k = tl.load(cache_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(cache_ptr + c_kv_stride + off[:, None] + d[None, :], mask=n_ok[:, None],
-                        other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale
             visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, cache_ptr, table, n, n_ok, visible, kvh, block_size,
+                c_block_stride, c_kv_stride, c_slot_stride, c_head_stride, qk_scale, d, IEEE)
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_rows[:, None] * o_tok_stride + head[:, None] * o_head_stride + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

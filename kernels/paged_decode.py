@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_attention import attend_tile
 from worker_service.attention.backend import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -54,25 +55,9 @@ def _decode_split_kernel(
     for tile in range(start, end, BLOCK_N):
         n = tile + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        blk = tl.load(table + n // block_size, mask=n_ok, other=0).to(tl.int64)
-        off = blk * c_block_stride + (n % block_size) * c_slot_stride + kvh * c_head_stride
-        k = tl.load(cache_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(cache_ptr + c_kv_stride + off[:, None] + d[None, :], mask=n_ok[:, None],
-                    other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = attend_tile(
+            q, acc, m_i, l_i, cache_ptr, table, n, n_ok, n_ok[None, :], kvh, block_size,
+            c_block_stride, c_kv_stride, c_slot_stride, c_head_stride, qk_scale, d, IEEE)
     # An empty range (context shorter than the split count's tiles) leaves l_i = 0: it writes
     # zeros and a log-sum-exp of -inf, which the merge weighs at zero.
     has = l_i > 0
