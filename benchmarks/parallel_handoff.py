@@ -40,10 +40,13 @@ from worker_service.parallel.replica import ReplicaDriver, build_rank, close_ran
 BLOCK = 16
 
 
+CPU = torch.device("cpu")
+
+
 def _loader(config_path: str):
-    def load():
-        return load_model(resolve(f"dummy:{config_path}"), make_backend("torch", torch.device("cpu")),
-                          torch.device("cpu"), torch.float32, seed=0)
+    def load(device=CPU, part=None):
+        return load_model(resolve(f"dummy:{config_path}"), make_backend("torch", device),
+                          device, torch.float32, seed=0, part=part)
     return load
 
 

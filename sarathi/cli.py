@@ -72,9 +72,9 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
         from worker_service.parallel.service import run_replica_worker
 
-        def load():
-            return load_model(source, make_backend(args.attention, device), device, dtype,
-                              seed=args.weights_seed)
+        def load(rank_device, part):  # each rank reads only its part, on its own GPU
+            return load_model(source, make_backend(args.attention, rank_device), rank_device, dtype,
+                              seed=args.weights_seed, part=part)
 
         return run_replica_worker(args, load, device, dtype)
     start = time.monotonic()

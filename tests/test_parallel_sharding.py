@@ -15,8 +15,16 @@ from sarathi.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.parallel.layout import ReplicaLayout, split_layers
-from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, exit_now, follow
-from worker_service.parallel.tensor_parallel import HeadShard, head_shard
+from worker_service.parallel.replica import (
+    RankPart,
+    ReplicaDriver,
+    build_rank,
+    close_rank,
+    exit_now,
+    follow,
+    rank_device,
+)
+from worker_service.parallel.tensor_parallel import HeadShard, head_shard, shard_weight
 from worker_service.runner import ModelRunner
 
 CPU = torch.device("cpu")
@@ -36,8 +44,63 @@ def test_layers_split_into_contiguous_stages():
     assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
 
 
-def _load():
-    return load_model(resolve("dummy:tiny"), make_backend("torch", CPU), CPU, torch.float32, seed=3)
+def _layout(tp: int, pp: int, hosts: list[str] | None = None) -> ReplicaLayout:
+    hosts = hosts or ["127.0.0.1"] * (tp * pp)
+    return ReplicaLayout(tp, pp, tuple(f"{h}:{6000 + k}" for k, h in enumerate(hosts)), "127.0.0.1:5999")
+
+
+def test_ranks_number_their_gpus_per_host():
+    layout = _layout(2, 2, ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"])
+    assert [layout.local_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert rank_device(CPU, layout, 3) == CPU
+    assert rank_device(torch.device("cuda", 1), layout, 0) == torch.device("cuda", 1)  # as given
+
+
+def _whole_name(name: str, layers: range, tied: bool) -> str:
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"layers.{int(index) + layers.start}.{rest}"
+    return "embed_tokens.weight" if tied and name == "lm_head.weight" else name
+
+
+def _check_rank_parts(load, tp: int, pp: int) -> None:
+    whole = load()
+    config = whole.config
+    weights = dict(whole.named_parameters())
+    layout = _layout(tp, pp)
+    kept = 0
+    for rank in range(tp * pp):
+        part = RankPart(layout, rank, group=object(), outbox=None)  # no collective runs here
+        model = load(part=part)
+        layers = split_layers(config.num_layers, pp)[layout.stage_of(rank)]
+        for name, p in model.named_parameters(remove_duplicate=False):
+            source = _whole_name(name, layers, config.tie_word_embeddings)
+            expected = shard_weight(source, weights[source], config, layout.tp_rank_of(rank), tp)
+            assert torch.equal(p, expected), name
+            # Its own storage: no whole tensor stays alive behind a slice.
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+        kept += sum(p.numel() for p in model.parameters())
+    # Every weight is somewhere; only norms (and KV heads replicated over ranks) repeat.
+    assert kept >= sum(p.numel() for p in whole.parameters())
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2), (4, 1)])
+def test_each_rank_loads_only_its_piece_of_the_whole_model(tp, pp):
+    _check_rank_parts(_load, tp, pp)
+
+
+def test_tied_embeddings_of_a_real_checkpoint_reach_the_first_and_last_stages():
+    source = resolve(None)  # the embedded SmolLM2: tied embeddings, 9 q / 3 KV heads
+
+    def load(part=None):
+        return load_model(source, make_backend("torch", CPU), CPU, torch.float32, part=part)
+
+    _check_rank_parts(load, 3, 2)
+
+
+def _load(device=CPU, part=None):
+    return load_model(resolve("dummy:tiny"), make_backend("torch", device), device, torch.float32,
+                      seed=3, part=part)
 
 
 def _follower(layout: ReplicaLayout, rank: int) -> None:

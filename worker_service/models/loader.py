@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from sarathi.model_spec import ModelKind, ModelSource, converted_dir
@@ -109,80 +112,114 @@ def convert_gguf(gguf_path: str) -> Path:
     return target
 
 
-def _to_our_layout(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Renames HF tensors and fuses q/k/v and gate/up."""
-    def take(name: str) -> torch.Tensor:
-        return hf.pop(name)
+class ModelPart(Protocol):
+    """What one process keeps of the whole model (a pipeline stage, a tensor-parallel shard)."""
 
-    out: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight"),
-                                    "norm.weight": take("model.norm.weight")}
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        q = f"{i}."
-        attn = p + "self_attn."
-        out[f"layers.{q}attn.qkv_proj.weight"] = torch.cat(
-            [take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight")])
-        if config.attention_bias:
-            out[f"layers.{q}attn.qkv_proj.bias"] = torch.cat(
-                [take(attn + "q_proj.bias"), take(attn + "k_proj.bias"), take(attn + "v_proj.bias")])
-        out[f"layers.{q}attn.o_proj.weight"] = take(attn + "o_proj.weight")
-        out[f"layers.{q}mlp.gate_up_proj.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        out[f"layers.{q}mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
-        out[f"layers.{q}input_norm.weight"] = take(p + "input_layernorm.weight")
-        out[f"layers.{q}post_attn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-    return out
+    def shape(self, model: LlamaModel) -> nn.Module:
+        """The whole model's skeleton (meta tensors, no weights) -> this part's skeleton, whose
+        parameter names are those of the whole model's that it keeps (layers renumbered)."""
+
+    def keep(self, name: str, whole: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """One whole weight of our layout -> the (parameter name, tensor) pairs this part makes of
+        it; none when it keeps nothing of it. A tensor must not share storage with `whole`
+        unless it is all of it, so that the whole one is freed."""
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class WholeModel:
+    def shape(self, model: LlamaModel) -> nn.Module:
+        return model
+
+    def keep(self, name: str, whole: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(name, whole)]
+
+
+def _checkpoint_stream(folder: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in our layout (q/k/v and gate/up fused), read one weight at a
+    time from the safetensors files, so a process never holds more than one whole tensor."""
+    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {folder}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
-        tensors.update(load_file(str(f)))
-    return tensors
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 - safe_open has no iterator
+
+    def take(name: str) -> torch.Tensor:
+        if name not in where:
+            raise ValueError(f"weights missing from the checkpoint: {name} (in {folder})")
+        return where[name].get_tensor(name)
+
+    yield "embed_tokens.weight", take("model.embed_tokens.weight")
+    for i in range(config.num_layers):
+        p, attn = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        ours = f"layers.{i}."
+        yield ours + "input_norm.weight", take(p + "input_layernorm.weight")
+        yield ours + "attn.qkv_proj.weight", torch.cat(
+            [take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight")])
+        if config.attention_bias:
+            yield ours + "attn.qkv_proj.bias", torch.cat(
+                [take(attn + "q_proj.bias"), take(attn + "k_proj.bias"), take(attn + "v_proj.bias")])
+        yield ours + "attn.o_proj.weight", take(attn + "o_proj.weight")
+        yield ours + "post_attn_norm.weight", take(p + "post_attention_layernorm.weight")
+        yield ours + "mlp.gate_up_proj.weight", torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        yield ours + "mlp.down_proj.weight", take(p + "mlp.down_proj.weight")
+    yield "norm.weight", take("model.norm.weight")
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", take("lm_head.weight")
+
+
+def _random_stream(shapes: dict[str, torch.Size], device: torch.device, dtype: torch.dtype,
+                   seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Small normal weights (std 0.02) and unit norms: realistic magnitudes for benchmarks.
+    Drawn in the whole model's parameter order from one generator, so every part of a split
+    model sees the same values as the whole model."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, device=device, dtype=dtype)
+        else:
+            t = torch.empty(shape, device=device, dtype=dtype)
+            t.normal_(0.0, 0.02, generator=gen)
+            yield name, t
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=False))
 
 
 def load_model(source: ModelSource, backend: AttentionBackend, device: torch.device,
-               dtype: torch.dtype, seed: int = 0) -> LlamaModel:
+               dtype: torch.dtype, seed: int = 0, part: ModelPart | None = None) -> nn.Module:
+    """The model (or the `part` of it this process keeps) with its weights on `device`.
+
+    The skeleton is built on the meta device and shaped into the part first; weights then
+    stream in one whole tensor at a time and only the part's pieces of each stay, so peak
+    memory is the part plus one whole tensor (what a rank of a 70B model needs)."""
+    part = part or WholeModel()
     hf_config = hf_config_for(source)
     config = ModelConfig.from_hf(hf_config, source.name)
     with torch.device("meta"):
-        model = LlamaModel(config, backend)
+        whole = LlamaModel(config, backend)
+    shapes = {name: p.shape for name, p in whole.named_parameters()}
+    model = part.shape(whole)
+    del whole
     if source.kind is ModelKind.DUMMY:
-        state = _random_weights(model, device, dtype, seed)
+        stream = _random_stream(shapes, device, dtype, seed)
+        desc = "random weights"
     else:
-        hf = _read_safetensors(hf_folder_for(source))
-        if config.tie_word_embeddings:
-            hf.pop("lm_head.weight", None)
-        state = {k: v.to(device=device, dtype=dtype) for k, v in
-                 tqdm(_to_our_layout(hf, config).items(), desc="placing weights", unit="tensor")}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+        stream = _checkpoint_stream(hf_folder_for(source), config)
+        desc = "placing weights"
+    for name, tensor in tqdm(stream, total=len(shapes), desc=desc, unit="tensor"):
+        for local, piece in part.keep(name, tensor):
+            _set_parameter(model, local, piece.to(device=device, dtype=dtype))
+    # Tied embeddings: one tensor serves both where this part holds both.
+    if config.tie_word_embeddings and getattr(model, "embed_tokens", None) is not None \
+            and getattr(model, "lm_head", None) is not None:
         model.lm_head.weight = model.embed_tokens.weight
     # Non-persistent buffers (rotary tables) were created on meta: rebuild them on the device.
     model.rotary = model.rotary.__class__(config).to(device)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
     if missing:
         raise ValueError(f"weights missing from the checkpoint: {missing[:5]}")
     return model.eval()
-
-
-def _random_weights(model: LlamaModel, device: torch.device, dtype: torch.dtype,
-                    seed: int) -> dict[str, torch.Tensor]:
-    """Small normal weights (std 0.02) and unit norms: realistic magnitudes for benchmarks."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, p in tqdm(list(model.named_parameters()), desc="random weights", unit="tensor"):
-        if name.endswith("norm.weight"):
-            state[name] = torch.ones(p.shape, device=device, dtype=dtype)
-        else:
-            t = torch.empty(p.shape, device=device, dtype=dtype)
-            t.normal_(0.0, 0.02, generator=gen)
-            state[name] = t
-    return state

@@ -46,6 +46,11 @@ class ReplicaLayout:
     def stage_ranks(self, stage: int) -> list[int]:
         return [self.rank_of(stage, t) for t in range(self.tp_size)]
 
+    def local_rank(self, rank: int) -> int:
+        """The rank's place among the ranks on its host (by the host part of the addresses)."""
+        host = self.addresses[rank].rsplit(":", 1)[0]
+        return sum(1 for a in self.addresses[:rank] if a.rsplit(":", 1)[0] == host)
+
     def endpoint(self, rank: int) -> str:
         return f"tcp://{self.addresses[rank]}"
 

@@ -4,7 +4,7 @@ behind the gRPC Worker service) or follow rank 0's control messages (every other
 Per iteration (one plan):
   rank 0      gets the plan bytes over gRPC, forwards them as they are (plus the tokens the last
               stage sampled since the previous plan) to every other rank, runs its own part
-  stage s     runs its layers; TP ranks meet in all_reduce / all_gather (gloo on the CPU);
+  stage s     runs its layers; TP ranks meet in all_reduce / all_gather (NCCL, gloo on the CPU);
               each rank hands (hidden, residual) to its counterpart in stage s + 1
   last stage  samples; its TP rank 0 sends the StepResult bytes to rank 0, which returns them
 """
@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from protos import worker_pb2
 from protos.batch_plan import BatchPlan, StepOutput
 from worker_service.models.config import ModelConfig
+from worker_service.models.llama import LlamaModel
 from worker_service.parallel.handoff import (
     ERROR,
     INIT,
@@ -41,7 +43,7 @@ from worker_service.parallel.handoff import (
 )
 from worker_service.parallel.layout import ReplicaLayout, split_layers
 from worker_service.parallel.pipeline import StageRunner, slice_stage
-from worker_service.parallel.tensor_parallel import COMM, head_shard, shard_model
+from worker_service.parallel.tensor_parallel import COMM, head_shard, shard_model, shard_weight
 from worker_service.runner import PlanError
 
 log = logging.getLogger("sarathi.replica")
@@ -61,26 +63,83 @@ class Rank:
     outbox: Outbox
 
 
-def build_rank(layout: ReplicaLayout, rank: int, load, device: torch.device, dtype: torch.dtype) -> Rank:
-    """`load()` builds the whole model (weights included); this rank keeps its stage, then its
-    TP shard of that stage. All ranks must call this together: it joins the gloo group."""
+class RankPart:
+    """What one rank keeps of the whole model: its stage's layers (renumbered from 0), the
+    embedding on the first stage and the final norm and LM head on the last, each cut to the
+    rank's tensor-parallel shard (loader.ModelPart)."""
+
+    def __init__(self, layout: ReplicaLayout, rank: int, group: dist.ProcessGroup | None,
+                 outbox: Outbox) -> None:
+        self.layout, self.group, self.outbox = layout, group, outbox
+        self.stage, self.tp_rank = layout.stage_of(rank), layout.tp_rank_of(rank)
+        self.full_config: ModelConfig | None = None
+        self.layers = range(0)
+
+    def shape(self, model: LlamaModel) -> torch.nn.Module:
+        self.full_config = model.config
+        self.layers = split_layers(model.config.num_layers, self.layout.pp_size)[self.stage]
+        part = slice_stage(model, self.stage, self.layout.pp_size, self.outbox)
+        return shard_model(part, self.tp_rank, self.layout.tp_size, self.group)
+
+    def keep(self, name: str, whole: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        assert self.full_config is not None, "shape() comes first"
+        first, last = self.stage == 0, self.stage == self.layout.pp_size - 1
+        if name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if int(index) not in self.layers:
+                return []
+            names = [f"layers.{int(index) - self.layers.start}.{rest}"]
+        elif name == "embed_tokens.weight":  # also the LM head where the two are tied
+            names = (["embed_tokens.weight"] if first else []) + \
+                (["lm_head.weight"] if last and self.full_config.tie_word_embeddings else [])
+        elif name in ("norm.weight", "lm_head.weight"):
+            names = [name] if last else []
+        else:
+            names = [name]
+        if not names:
+            return []
+        piece = shard_weight(name, whole, self.full_config, self.tp_rank, self.layout.tp_size)
+        return [(n, piece) for n in names]
+
+
+def rank_device(device: torch.device, layout: ReplicaLayout, rank: int) -> torch.device:
+    """A CUDA device with no index means one GPU per rank: the rank's place among the ranks of
+    its host (by the host part of their addresses). An explicit index is taken as given."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    local, count = layout.local_rank(rank), torch.cuda.device_count()
+    if local >= count:
+        raise RuntimeError(f"rank {rank} is rank {local + 1} on its host, which has {count} GPUs: "
+                           "a replica takes one GPU per rank; use fewer ranks per host")
+    return torch.device("cuda", local)
+
+
+def build_rank(layout: ReplicaLayout, rank: int, load: Callable[..., torch.nn.Module],
+               device: torch.device, dtype: torch.dtype) -> Rank:
+    """`load(device, part)` builds the model part (loader.load_model with a ModelPart); this
+    rank's part is its stage, then its TP shard of that stage, and only that is ever read into
+    memory. All ranks must call this together: it joins the collective group (NCCL between GPUs,
+    gloo on the CPU)."""
+    device = rank_device(device, layout, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and Triton launch on the current device
     mailbox = Mailbox(layout, rank)
     outbox = Outbox(layout, rank, mailbox)
-    stage, tp_rank = layout.stage_of(rank), layout.tp_rank_of(rank)
     group = None
     if layout.tp_size > 1:
         host, port = layout.dist_init.rsplit(":", 1)
-        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank,
-                                world_size=layout.world_size, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{host}:{port}", rank=rank,
+                                world_size=layout.world_size, timeout=COLLECTIVE_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
         # Every rank creates every stage's group, in the same order (a torch.distributed rule).
         groups = [dist.new_group(layout.stage_ranks(s)) for s in range(layout.pp_size)]
-        group = groups[stage]
-    model = load()
-    full_config = model.config
-    model = slice_stage(model, stage, layout.pp_size, outbox)
-    model = shard_model(model, tp_rank, layout.tp_size, group)
-    runner = StageRunner(model, device, dtype, samples=stage == layout.pp_size - 1)
-    return Rank(layout, rank, runner, full_config, mailbox, outbox)
+        group = groups[layout.stage_of(rank)]
+    part = RankPart(layout, rank, group, outbox)
+    model = load(device, part)
+    assert part.full_config is not None
+    runner = StageRunner(model, device, dtype, samples=layout.stage_of(rank) == layout.pp_size - 1)
+    return Rank(layout, rank, runner, part.full_config, mailbox, outbox)
 
 
 def rank_bytes_per_block(layout: ReplicaLayout, config: ModelConfig, rank: int, block_size: int,

@@ -13,9 +13,9 @@ With fewer KV heads than ranks, each KV head is replicated on the ranks whose q 
 Only the two row-parallel sums change arithmetic (partial products summed in another order);
 the embedding sum adds zeros and the gather moves bytes, both exact.
 
-The model is loaded whole and then sliced (slices are cloned, so the full tensors are freed
-once the transform returns). That is acceptable on the CPU; on GPUs each rank should read only
-its slices from the checkpoint (safetensors slices) to keep peak memory at one shard.
+`shard_weight` is the one place that slices: `shard_model` applies it to a built model (or to
+a skeleton of meta tensors), and the loader applies it to each whole weight as it streams from
+the checkpoint, so a rank's peak memory is its shard plus one whole tensor.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from worker_service.models.config import ModelConfig
 from worker_service.models.llama import Linear, LlamaModel
 
 
@@ -128,15 +129,51 @@ def head_shard(num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int) ->
     return HeadShard(tp_rank * hq, hq, (tp_rank * hq) // group, 1)
 
 
-def _rows(w: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-    return w[lo:lo + n]
+def shard_weight(name: str, whole: torch.Tensor, config: ModelConfig, tp_rank: int, tp_size: int
+                 ) -> torch.Tensor:
+    """TP rank `tp_rank`'s piece of the whole weight `name` (our layout; layer numbers do not
+    matter). Pieces are fresh tensors, so the whole one can be freed; replicated weights (norms)
+    are returned whole."""
+    if tp_size == 1:
+        return whole
+    c = config
+    d = c.head_dim
+    hs = head_shard(c.num_heads, c.num_kv_heads, tp_rank, tp_size)
+    inter = c.intermediate_size // tp_size
+    if name.endswith(("attn.qkv_proj.weight", "attn.qkv_proj.bias")):
+        q, k, v = whole.split([c.q_size, c.kv_size, c.kv_size], dim=0)
+        return torch.cat([q[hs.q_lo * d:(hs.q_lo + hs.num_heads) * d],
+                          k[hs.kv_lo * d:(hs.kv_lo + hs.num_kv_heads) * d],
+                          v[hs.kv_lo * d:(hs.kv_lo + hs.num_kv_heads) * d]])
+    if name.endswith("attn.o_proj.weight"):
+        piece = whole[:, hs.q_lo * d:(hs.q_lo + hs.num_heads) * d]
+    elif name.endswith("mlp.gate_up_proj.weight"):
+        gate, up = whole.chunk(2, dim=0)
+        lo = tp_rank * inter
+        return torch.cat([gate[lo:lo + inter], up[lo:lo + inter]])
+    elif name.endswith("mlp.down_proj.weight"):
+        piece = whole[:, tp_rank * inter:(tp_rank + 1) * inter]
+    elif name in ("embed_tokens.weight", "lm_head.weight"):
+        lo, hi = vocab_rows(c.vocab_size, tp_rank, tp_size)
+        piece = whole[lo:hi]
+    else:
+        return whole
+    return piece.clone(memory_format=torch.contiguous_format)
+
+
+def vocab_rows(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """The vocabulary rows [lo, hi) of a rank; every shard but the last is ceil(V / tp) rows."""
+    shard_rows = -(-vocab_size // tp_size)
+    lo = min(tp_rank * shard_rows, vocab_size)
+    return lo, min(lo + shard_rows, vocab_size)
 
 
 def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None
                 ) -> LlamaModel:
-    """Shards `model` in place for TP rank `tp_rank` of `tp_size`; returns it. The model's
-    config then gives this rank's local head counts and intermediate size (what the runner
-    sizes its KV cache and attention backend by); vocab and hidden sizes stay global."""
+    """Shards `model` in place for TP rank `tp_rank` of `tp_size`; returns it. It works the same
+    on a skeleton of meta tensors (what the loader shapes before any weight is read). The
+    model's config then gives this rank's local head counts and intermediate size (what the
+    runner sizes its KV cache and attention backend by); vocab and hidden sizes stay global."""
     if tp_size == 1:
         return model
     assert group is not None
@@ -144,55 +181,43 @@ def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proce
     if c.intermediate_size % tp_size:
         raise ValueError(f"intermediate size {c.intermediate_size} does not split over {tp_size} ranks")
     hs = head_shard(c.num_heads, c.num_kv_heads, tp_rank, tp_size)
-    d = c.head_dim
-    inter = c.intermediate_size // tp_size
+
+    def piece(name: str, whole: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(shard_weight(name, whole, c, tp_rank, tp_size), requires_grad=False)
+
     with torch.no_grad():
         for layer in model.layers:
             attn = layer.attn
-            qkv_w = attn.qkv_proj.weight
-            qkv_b = attn.qkv_proj.bias
-
-            def pick(t: torch.Tensor) -> torch.Tensor:
-                q, k, v = t.split([c.q_size, c.kv_size, c.kv_size], dim=0)
-                return torch.cat([_rows(q, hs.q_lo * d, hs.num_heads * d),
-                                  _rows(k, hs.kv_lo * d, hs.num_kv_heads * d),
-                                  _rows(v, hs.kv_lo * d, hs.num_kv_heads * d)])
-
-            qkv = Linear(c.hidden_size, (hs.num_heads + 2 * hs.num_kv_heads) * d,
-                            bias=qkv_b is not None, device="meta")
-            qkv.weight = nn.Parameter(pick(qkv_w), requires_grad=False)
+            qkv_w, qkv_b = attn.qkv_proj.weight, attn.qkv_proj.bias
+            qkv = Linear(c.hidden_size, (hs.num_heads + 2 * hs.num_kv_heads) * c.head_dim,
+                         bias=qkv_b is not None, device="meta")
+            qkv.weight = piece("attn.qkv_proj.weight", qkv_w)
             if qkv_b is not None:
-                qkv.bias = nn.Parameter(pick(qkv_b), requires_grad=False)
+                qkv.bias = piece("attn.qkv_proj.bias", qkv_b)
             attn.qkv_proj = qkv
-            o_cols = attn.o_proj.weight[:, hs.q_lo * d:(hs.q_lo + hs.num_heads) * d]
-            attn.o_proj = RowParallelLinear(o_cols.contiguous(), group)
+            attn.o_proj = RowParallelLinear(piece("attn.o_proj.weight", attn.o_proj.weight).data, group)
             attn.num_heads, attn.num_kv_heads = hs.num_heads, hs.num_kv_heads
 
             mlp = layer.mlp
-            gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
-            lo = tp_rank * inter
-            gate_up = Linear(c.hidden_size, 2 * inter, bias=False, device="meta")
-            gate_up.weight = nn.Parameter(torch.cat([gate[lo:lo + inter], up[lo:lo + inter]]),
-                                          requires_grad=False)
+            gate_up = Linear(c.hidden_size, 2 * c.intermediate_size // tp_size, bias=False, device="meta")
+            gate_up.weight = piece("mlp.gate_up_proj.weight", mlp.gate_up_proj.weight)
             mlp.gate_up_proj = gate_up
-            mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, lo:lo + inter].contiguous(), group)
+            mlp.down_proj = RowParallelLinear(
+                piece("mlp.down_proj.weight", mlp.down_proj.weight).data, group)
 
-        shard_rows = -(-c.vocab_size // tp_size)
-        v_lo = min(tp_rank * shard_rows, c.vocab_size)
-        v_hi = min(v_lo + shard_rows, c.vocab_size)
+        lo, hi = vocab_rows(c.vocab_size, tp_rank, tp_size)
         if model.embed_tokens is not None:
             model.embed_tokens = VocabParallelEmbedding(
-                model.embed_tokens.weight[v_lo:v_hi].clone(), v_lo, group)
+                piece("embed_tokens.weight", model.embed_tokens.weight).data, lo, group)
         if model.lm_head is not None:
-            if c.tie_word_embeddings and isinstance(model.embed_tokens, VocabParallelEmbedding):
-                head = model.embed_tokens.weight          # still tied: one shard in memory
-            else:
-                head = model.lm_head.weight[v_lo:v_hi].clone()
-            model.lm_head = VocabParallelLMHead(head, shard_rows, c.vocab_size, group)
-            if c.tie_word_embeddings and isinstance(model.embed_tokens, VocabParallelEmbedding):
+            tied = c.tie_word_embeddings and isinstance(model.embed_tokens, VocabParallelEmbedding)
+            head = model.embed_tokens.weight.data if tied else \
+                piece("lm_head.weight", model.lm_head.weight).data
+            model.lm_head = VocabParallelLMHead(head, -(-c.vocab_size // tp_size), c.vocab_size, group)
+            if tied:  # one shard in memory for both
                 model.lm_head.weight = model.embed_tokens.weight
     model.config = dataclasses.replace(c, num_heads=hs.num_heads, num_kv_heads=hs.num_kv_heads,
-                                       intermediate_size=inter)
+                                       intermediate_size=c.intermediate_size // tp_size)
     for layer in model.layers:
         layer.attn.config = model.config
     return model
