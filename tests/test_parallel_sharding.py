@@ -4,6 +4,7 @@ directly (no scheduler) with KV heads replicated over more ranks than there are 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -149,4 +150,29 @@ def test_replica_samples_the_tokens_of_one_runner(tp, pp):
         for p in procs:
             if p.is_alive():
                 p.kill()
+        close_rank(r)
+
+
+def test_replica_kv_budget_is_asked_of_every_rank():
+    layout = ReplicaLayout(2, 1, (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"),
+                           f"127.0.0.1:{free_port()}")
+    proc = mp.get_context("spawn").Process(target=_follower, args=(layout, 1), daemon=True)
+    proc.start()
+    r = build_rank(layout, 0, _load, CPU, torch.float32)
+    try:
+        r.mailbox.wait_for_peers(120)
+        driver = ReplicaDriver(r)
+        # On the CPU each rank offers its share of available RAM; the answer, in units of the
+        # largest rank's bytes per token, is what the tightest rank can hold.
+        budget = driver.profile_free_memory(64, 0.5)
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        per_block = driver.bytes_per_block(16)
+        assert 0 < budget <= ram * 0.5
+        assert budget // per_block > 0
+        driver.stop()
+        proc.join(20)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
         close_rank(r)

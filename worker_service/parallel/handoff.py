@@ -37,6 +37,7 @@ PLAN, INIT, RESET, STOP = b"plan", b"init", b"reset", b"stop"   # control, rank 
 HIDDEN = b"hidden"                                              # stage s -> stage s + 1
 RESULT, ERROR = b"result", b"error"                             # -> rank 0
 STATS_REQUEST, STATS_REPLY = b"stats?", b"stats"                # traffic counters, for benchmarks
+MEMORY_REQUEST, MEMORY_REPLY = b"mem?", b"mem"                  # each rank's KV budget, at start
 HEARTBEAT = b"hb"
 
 
@@ -164,7 +165,7 @@ class Mailbox:
             return
         if kind == HIDDEN:
             self.hidden.put([time.monotonic_ns(), *msg[2:]])
-        elif kind in (RESULT, ERROR, STATS_REPLY):
+        elif kind in (RESULT, ERROR, STATS_REPLY, MEMORY_REPLY):
             self.results.put([kind] + [f.bytes for f in msg[2:]])
         else:
             self.control.put([kind] + [f.bytes for f in msg[2:]])

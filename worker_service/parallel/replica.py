@@ -31,6 +31,8 @@ from worker_service.models.llama import LlamaModel
 from worker_service.parallel.handoff import (
     ERROR,
     INIT,
+    MEMORY_REPLY,
+    MEMORY_REQUEST,
     PLAN,
     RESET,
     RESULT,
@@ -152,6 +154,30 @@ def rank_bytes_per_block(layout: ReplicaLayout, config: ModelConfig, rank: int, 
     return layers * 2 * block_size * kv_heads * config.head_dim * elem
 
 
+def kv_budget_bytes(runner: StageRunner, max_num_tokens: int, fraction: float) -> int:
+    """Bytes this rank's KV cache may take. On a GPU: `fraction` of its memory, less what torch
+    holds now (the weights), what lives outside torch (CUDA context, NCCL buffers) and an
+    estimate of a worst-case iteration's activations: one rank cannot run a trial forward
+    alone, as ModelRunner.profile_free_memory does, since its collectives need every rank.
+    On the CPU: available RAM times `fraction`."""
+    device = runner.device
+    if device.type != "cuda":
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+    free, total = torch.cuda.mem_get_info(device)
+    outside_torch = total - free - torch.cuda.memory_reserved(device)
+    c = runner.config  # this rank's shard
+    elem = torch.tensor([], dtype=runner.dtype).element_size()
+    tokens = max(1, min(max_num_tokens, c.max_model_len))
+    # Per token: hidden, residual and norm output, q/k/v and attention output, gate/up and the
+    # activation; logits (float32, local and gathered) for up to 256 sampled rows.
+    width = 4 * c.hidden_size + 3 * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim \
+        + 3 * c.intermediate_size
+    logits = 3 * 256 * c.vocab_size * 4 if runner.samples else 0
+    activations = tokens * width * elem + logits + (256 << 20)  # + attention workspace
+    return max(0, int(total * fraction - torch.cuda.memory_allocated(device) - outside_torch
+                      - activations))
+
+
 # --- ranks other than 0 -------------------------------------------------------------------
 def follow(r: Rank) -> None:
     """Executes rank 0's control messages until told to stop."""
@@ -167,6 +193,10 @@ def follow(r: Rank) -> None:
         elif kind == STATS_REQUEST:
             r.outbox.send(0, STATS_REPLY, json.dumps(dict(comm_stats(), rank=r.rank)).encode())
             reset_comm_stats()
+        elif kind == MEMORY_REQUEST:
+            ask = json.loads(frames[0])
+            budget = kv_budget_bytes(runner, ask["tokens"], ask["fraction"])
+            r.outbox.send(0, MEMORY_REPLY, json.dumps(dict(bytes=budget, rank=r.rank)).encode())
         elif kind == PLAN:
             for result in frames[1:]:
                 runner.apply_sampled(StepOutput.from_proto(worker_pb2.StepResult.FromString(result)))
@@ -277,17 +307,34 @@ class ReplicaDriver:
             self._cond.notify_all()
         return result
 
+    def _ask_all(self, request: bytes, reply: bytes, own: dict, *payload: bytes) -> list[dict]:
+        """Every rank's JSON answer to `request` (rank 0's is `own`), in rank order."""
+        self.r.outbox.broadcast(request, *payload)
+        answers = {0: own}
+        while len(answers) < self.layout.world_size:
+            kind, *frames = self.r.mailbox.results.get()
+            if kind == reply:
+                answer = json.loads(frames[0])
+                answers[answer.pop("rank")] = answer
+        return [answers[k] for k in range(self.layout.world_size)]
+
     def gather_stats(self) -> list[dict[str, int]]:
         """Every rank's traffic counters since the last call, in rank order; resets them."""
-        stats = {0: comm_stats()}
-        self.r.outbox.broadcast(STATS_REQUEST)
+        own = comm_stats()
         reset_comm_stats()
-        while len(stats) < self.layout.world_size:
-            kind, *frames = self.r.mailbox.results.get()
-            if kind == STATS_REPLY:
-                reply = json.loads(frames[0])
-                stats[reply.pop("rank")] = reply
-        return [stats[k] for k in range(self.layout.world_size)]
+        return self._ask_all(STATS_REQUEST, STATS_REPLY, own)
+
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+        """KV bytes for the worker's Describe, which divides them by bytes_per_block (the largest
+        rank's block): every rank reports its budget, and the answer is the most tokens that
+        fit on the tightest rank, in units of the largest rank's bytes per token."""
+        ask = json.dumps(dict(tokens=max_num_tokens, fraction=fraction)).encode()
+        budgets = self._ask_all(MEMORY_REQUEST, MEMORY_REPLY,
+                                dict(bytes=kv_budget_bytes(self.runner, max_num_tokens, fraction)), ask)
+        per_token = [rank_bytes_per_block(self.layout, self.config, k, 1, self.dtype)
+                     for k in range(self.layout.world_size)]
+        tokens = min(b["bytes"] // t for b, t in zip(budgets, per_token, strict=True))
+        return tokens * max(per_token)
 
     def _wait_result(self, step_id: int) -> bytes:
         start = time.perf_counter_ns()
