@@ -164,23 +164,41 @@ def run_scheduler(args: argparse.Namespace, worker_address: str, on_started=None
         pass
 
 
-def worker_command(args: argparse.Namespace, worker_port: int) -> list[str]:
-    """The `sarathi worker` command line that `serve` starts (its rank appended per process)."""
-    cmd = [sys.executable, "-m", "sarathi.cli", "worker", "--host", "127.0.0.1", "--port", str(worker_port)]
-    for flag in ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
-                 "tensor_parallel_size", "pipeline_parallel_size", "hybrid_graph_tokens"):
+WORKER_FLAGS = ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
+                "tensor_parallel_size", "pipeline_parallel_size", "hybrid_graph_tokens")
+
+
+def worker_flags(args: argparse.Namespace) -> list[str]:
+    """The worker options of `args` as command-line flags (what a spawned worker inherits)."""
+    flags = []
+    for flag in WORKER_FLAGS:
         value = getattr(args, flag)
         if value is not None:
-            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+            flags += [f"--{flag.replace('_', '-')}", str(value)]
     if args.no_cuda_graphs:
-        cmd.append("--no-cuda-graphs")
+        flags.append("--no-cuda-graphs")
+    return flags
+
+
+def worker_command(args: argparse.Namespace, worker_port: int) -> list[str]:
+    """The `sarathi worker` command line that `serve` starts; a replica's rank 0 starts its
+    other ranks itself (local_peer_commands)."""
+    cmd = [sys.executable, "-m", "sarathi.cli", "worker", "--host", "127.0.0.1", "--port", str(worker_port),
+           *worker_flags(args)]
     if args.hybrid_graph_tokens is None:  # no graphs for iterations the budget never forms
         cmd += ["--hybrid-graph-tokens", str(min(args.chunk_size, HYBRID_GRAPH_TOKENS))]
-    world = args.tensor_parallel_size * args.pipeline_parallel_size
-    if world > 1:  # the whole replica on this host: rank 0 serves gRPC, the others follow it
-        cmd += ["--replica-addresses", ",".join(f"127.0.0.1:{free_port()}" for _ in range(world)),
-                "--dist-init", f"127.0.0.1:{free_port()}"]
     return cmd
+
+
+def local_peer_commands(args: argparse.Namespace) -> list[list[str]]:
+    """A replica's rank 0 started with no --replica-addresses runs the whole replica on this
+    host: this fills in loopback addresses and returns the commands of ranks 1..world-1."""
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    args.replica_addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(world))
+    args.dist_init = f"127.0.0.1:{free_port()}"
+    base = [sys.executable, "-m", "sarathi.cli", "worker", "--host", "127.0.0.1", *worker_flags(args),
+            "--replica-addresses", args.replica_addresses, "--dist-init", args.dist_init]
+    return [[*base, "--rank", str(rank)] for rank in range(1, world)]
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -188,21 +206,16 @@ def run_serve(args: argparse.Namespace) -> None:
     from sarathi.lifecycle import dies_with_this_process
 
     worker_port = args.worker_port or free_port()
-    cmd = worker_command(args, worker_port)
-    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    # One worker process; a replica's rank 0 starts its other ranks (they die with it).
+    worker = subprocess.Popen(worker_command(args, worker_port), preexec_fn=dies_with_this_process())
 
-    workers = [subprocess.Popen(cmd + ["--rank", str(rank)], preexec_fn=dies_with_this_process())
-               for rank in range(world)]
-
-    def stop_worker(*_):
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+    def stop_worker() -> None:
+        if worker.poll() is None:
+            worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
     def on_term(*_):
         stop_worker()

@@ -1,9 +1,10 @@
 """`sarathi serve` starts its worker with the scheduler's budget in mind: hybrid-iteration CUDA
-graphs up to the chunk size (at most 512, the size measured on an H100), or what the user said."""
+graphs up to the chunk size (at most 512, the size measured on an H100), or what the user said.
+A replica's rank 0 started without a layout starts its other ranks on this host."""
 
 from __future__ import annotations
 
-from sarathi.cli import build_parser, worker_command
+from sarathi.cli import build_parser, local_peer_commands, worker_command
 
 
 def flag_values(cmd: list[str], flag: str) -> list[str]:
@@ -36,3 +37,20 @@ def test_worker_flags_pass_through():
     assert flag_values(cmd, "--model") == ["dummy:tiny"]
     assert flag_values(cmd, "--device") == ["cpu"]
     assert "--no-cuda-graphs" in cmd and flag_values(cmd, "--port") == ["50061"]
+
+
+def test_serve_starts_one_worker_even_for_a_replica():
+    cmd = command_for("--tensor-parallel-size", "2", "--pipeline-parallel-size", "2")
+    assert flag_values(cmd, "--tensor-parallel-size") == ["2"]
+    assert "--replica-addresses" not in cmd and "--rank" not in cmd  # rank 0 starts the others
+
+
+def test_rank_0_without_a_layout_starts_ranks_1_to_n_with_one_shared_layout():
+    args = build_parser().parse_args(["worker", "--model", "dummy:tiny", "--tensor-parallel-size", "2",
+                                      "--pipeline-parallel-size", "2"])
+    peers = local_peer_commands(args)
+    assert [flag_values(c, "--rank") for c in peers] == [["1"], ["2"], ["3"]]
+    addresses = {tuple(flag_values(c, "--replica-addresses")) for c in peers}
+    assert addresses == {(args.replica_addresses,)} and len(args.replica_addresses.split(",")) == 4
+    assert {tuple(flag_values(c, "--dist-init")) for c in peers} == {(args.dist_init,)}
+    assert all(flag_values(c, "--model") == ["dummy:tiny"] for c in peers)

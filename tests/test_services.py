@@ -115,15 +115,19 @@ def test_serve_exits_with_an_error_when_the_engine_cannot_start():
     assert "the engine failed before serving" in out.stderr
 
 
-def test_killing_serve_outright_leaves_no_worker_or_engine_behind():
+@pytest.mark.parametrize("replica", [(), ("--model", "dummy:tiny", "--tensor-parallel-size", "2")],
+                         ids=["one-worker", "tp2-ranks-started-by-rank-0"])
+def test_killing_serve_outright_leaves_no_worker_or_engine_behind(replica):
     import psutil
 
     port = free_port()
-    serve = spawn("serve", "--port", str(port), "--threads", "1", "--cpu-cache-gib", "0.25")
+    serve = spawn("serve", "--port", str(port), "--threads", "1", "--cpu-cache-gib", "0.25", *replica)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=120, proc=serve)
         children = psutil.Process(serve.pid).children(recursive=True)
-        assert len(children) >= 2  # the worker and the engine (and helpers)
+        workers = [p for p in children if "worker" in p.cmdline()]
+        assert len(workers) == (2 if replica else 1)  # rank 1 is rank 0's child
+        assert len(children) >= 2  # the worker(s) and the engine (and helpers)
         serve.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel must do it
         serve.wait(10)
         gone, alive = psutil.wait_procs(children, timeout=15)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import queue
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ import grpc
 import torch
 
 from protos import worker_pb2
+from sarathi.cli import local_peer_commands
+from sarathi.lifecycle import dies_with_this_process
 from worker_service.parallel.layout import ReplicaLayout
 from worker_service.parallel.replica import ReplicaDriver, build_rank, exit_now, follow
 from worker_service.runner import PlanError
@@ -94,13 +97,19 @@ def _handlers(svc: ReplicaWorkerService) -> grpc.GenericRpcHandler:
 def layout_from_args(args: argparse.Namespace, rank0_port: int) -> ReplicaLayout:
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     if args.replica_addresses is None or args.dist_init is None:
-        raise SystemExit(f"a replica of TP={tp} x PP={pp} needs --replica-addresses (one host:port "
-                         "per rank) and --dist-init host:port")
+        raise SystemExit(f"a replica of TP={tp} x PP={pp} spread over hosts needs --replica-addresses "
+                         "(one host:port per rank) and --dist-init host:port on every rank; "
+                         "rank 0 given neither runs the whole replica on this host")
     return ReplicaLayout.parse(tp, pp, args.replica_addresses, args.dist_init)
 
 
 def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dtype: torch.dtype) -> None:
-    """`sarathi worker` with --tensor-parallel-size or --pipeline-parallel-size above 1."""
+    """`sarathi worker` with --tensor-parallel-size or --pipeline-parallel-size above 1. Rank 0
+    given no --replica-addresses and no --dist-init runs the whole replica on this host: it
+    starts the other ranks as its children (one GPU each), which die with it."""
+    if args.rank == 0 and args.replica_addresses is None and args.dist_init is None:
+        for cmd in local_peer_commands(args):
+            subprocess.Popen(cmd, preexec_fn=dies_with_this_process())
     layout = layout_from_args(args, args.port)
     rank = args.rank
     start = time.monotonic()
