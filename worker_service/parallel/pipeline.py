@@ -76,8 +76,12 @@ class StageRunner(ModelRunner):
     before they need them as the input of a decode."""
 
     def __init__(self, model: LlamaModel | PipelineStage, device: torch.device, dtype: torch.dtype,
-                 *, samples: bool) -> None:
-        super().__init__(model, device, dtype, cuda_graphs=False)
+                 *, samples: bool, cuda_graphs: bool = False) -> None:
+        """cuda_graphs: decode graphs on a GPU, for a whole-model (TP-only) rank: its collectives
+        (NCCL) are captured with the rest and every rank captures the same graphs in the same
+        order at init_cache. A pipeline stage's handoff is host work, so stages run eagerly."""
+        graphs = cuda_graphs and device.type == "cuda" and not isinstance(model, PipelineStage)
+        super().__init__(model, device, dtype, cuda_graphs=graphs)
         self.samples = samples
 
     def launch(self, plan: BatchPlan) -> LaunchedStep:

@@ -117,11 +117,11 @@ def rank_device(device: torch.device, layout: ReplicaLayout, rank: int) -> torch
 
 
 def build_rank(layout: ReplicaLayout, rank: int, load: Callable[..., torch.nn.Module],
-               device: torch.device, dtype: torch.dtype) -> Rank:
+               device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True) -> Rank:
     """`load(device, part)` builds the model part (loader.load_model with a ModelPart); this
     rank's part is its stage, then its TP shard of that stage, and only that is ever read into
     memory. All ranks must call this together: it joins the collective group (NCCL between GPUs,
-    gloo on the CPU)."""
+    gloo on the CPU). cuda_graphs: see StageRunner."""
     device = rank_device(device, layout, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and Triton launch on the current device
@@ -140,7 +140,8 @@ def build_rank(layout: ReplicaLayout, rank: int, load: Callable[..., torch.nn.Mo
     part = RankPart(layout, rank, group, outbox)
     model = load(device, part)
     assert part.full_config is not None
-    runner = StageRunner(model, device, dtype, samples=layout.stage_of(rank) == layout.pp_size - 1)
+    runner = StageRunner(model, device, dtype, samples=layout.stage_of(rank) == layout.pp_size - 1,
+                         cuda_graphs=cuda_graphs)
     return Rank(layout, rank, runner, part.full_config, mailbox, outbox)
 
 

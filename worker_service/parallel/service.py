@@ -113,7 +113,7 @@ def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dty
     layout = layout_from_args(args, args.port)
     rank = args.rank
     start = time.monotonic()
-    r = build_rank(layout, rank, load, device, dtype)
+    r = build_rank(layout, rank, load, device, dtype, cuda_graphs=not args.no_cuda_graphs)
     weight_bytes = sum(p.numel() * p.element_size() for p in r.runner.model.parameters())
     where = f"rank {rank} (stage {layout.stage_of(rank)}, TP rank {layout.tp_rank_of(rank)}) " \
             f"of TP={layout.tp_size} x PP={layout.pp_size}"
