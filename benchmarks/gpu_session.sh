@@ -2,7 +2,8 @@
 # One batch of GPU-machine work, driven from the repo root on the device:
 #   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, bench-hf (with transformers
 #                                             generate), profile, attention, gemv,
-#                                             overhead, capacity-strict, capacity-relaxed)
+#                                             overhead, replica (several GPUs: REPLICA_ARGS),
+#                                             capacity-strict, capacity-relaxed)
 # It installs the carried wheels (.whl/: fill it once with benchmarks/fetch_device_wheels.sh),
 # regenerates the gRPC stubs for the host's grpcio, restores FlashInfer's JIT cache from
 # .fi_cache/fi.tgz when carried (copy the last run's $OUT/fi.tgz there: it saves minutes of
@@ -11,7 +12,7 @@
 # benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]).
 # Knobs: TEST_K (a pytest -k expression), BENCH_ARGS, PROFILE_ARGS, OVERHEAD_ARGS (e.g.
 # "--server-arg=--no-overlap"), SMOLLM2_GGUF (the real weights, for the transformers agreement
-# test), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES, CAPACITY_REQUESTS,
+# test), CAPACITY_MODEL (default dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES, CAPACITY_REQUESTS,
 # CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals per probe, default
 # 15: shorter probes at high rates are bursts, not a steady state), CAPACITY_ARGS (extra capacity
 # arguments).
@@ -42,7 +43,8 @@ capacity() {  # $1: strict or relaxed
     # Sarathi's token budget as the paper chose per SLO; vLLM and Orca take whole prompts (the
     # chat trace goes up to 8192 tokens), so theirs must hold the longest one.
     if [ "$1" = strict ]; then slo=5x; budget=512; else slo=25x; budget=2048; fi
-    timeout "$limit" python3 -m sarathi.cli capacity --model dummy:llama3-8b --server-arg=--device=cuda \
+    timeout "$limit" python3 -m sarathi.cli capacity --model "${CAPACITY_MODEL:-dummy:llama3-8b}" \
+        --server-arg=--device=cuda \
         --policies "${CAPACITY_POLICIES:-sarathi:$budget,vllm:8192,orca:8192}" --slo-p99-tbt "$slo" \
         --lengths trace --trace chat --length-scale "${CAPACITY_SCALE:-1}" \
         --num-requests "${CAPACITY_REQUESTS:-64}" \
@@ -65,6 +67,7 @@ for part in "$@"; do
               timeout "$limit" python3 benchmarks/gemv_sweep.py ;;
         overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
             --device cuda --batches 1 32 128 ${OVERHEAD_ARGS:-} ;;
+        replica) timeout "$limit" python3 -m benchmarks.replica_bench ${REPLICA_ARGS:-} ;;
         capacity-strict) capacity strict ;;
         capacity-relaxed) capacity relaxed ;;
         *) echo "unknown part $part" ;;

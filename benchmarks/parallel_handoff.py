@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import queue
 import statistics
 import tempfile
@@ -29,33 +28,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.replica_launch import local_replica
 from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
-from sarathi.cli import free_port
-from sarathi.model_spec import resolve
-from worker_service.attention import make_backend
-from worker_service.models.loader import load_model
-from worker_service.parallel.layout import ReplicaLayout
-from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, exit_now, follow
+from worker_service.parallel.replica import ReplicaDriver
 
 BLOCK = 16
-
-
-CPU = torch.device("cpu")
-
-
-def _loader(config_path: str):
-    def load(device=CPU, part=None):
-        return load_model(resolve(f"dummy:{config_path}"), make_backend("torch", device),
-                          device, torch.float32, seed=0, part=part)
-    return load
-
-
-def _follower(layout: ReplicaLayout, rank: int, config_path: str) -> None:
-    torch.set_num_threads(1)
-    r = build_rank(layout, rank, _loader(config_path), torch.device("cpu"), torch.float32)
-    r.mailbox.wait_for_peers(120)
-    follow(r)
-    exit_now(0)   # skip gloo's teardown, which may wait on ranks that are already gone
 
 
 class PlanMaker:
@@ -103,23 +80,12 @@ class PlanMaker:
 
 
 def measure(tp: int, pp: int, config_path: str, chunk: int, decode_batch: int, iters: int) -> dict:
-    world = tp * pp
-    layout = ReplicaLayout(tp, pp, tuple(f"127.0.0.1:{free_port()}" for _ in range(world)),
-                           f"127.0.0.1:{free_port()}")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_follower, args=(layout, k, config_path), daemon=True)
-             for k in range(1, world)]
-    for p in procs:
-        p.start()
-    torch.set_num_threads(1)
-    r = build_rank(layout, 0, _loader(config_path), torch.device("cpu"), torch.float32)
-    r.mailbox.wait_for_peers(120)
-    driver = ReplicaDriver(r)
-    driver.init_cache(4096, BLOCK)
-    driver.reset()
-    maker = PlanMaker()
     out: dict = {}
-    try:
+    with local_replica(tp, pp, f"dummy:{config_path}", torch.device("cpu"), torch.float32,
+                       attention="torch") as driver:
+        driver.init_cache(4096, BLOCK)
+        driver.reset()
+        maker = PlanMaker()
         for kind in ("prefill", "decode"):
             if kind == "prefill":   # each iteration: a new sequence's whole prompt, one chunk
                 plans = [maker.new_sequences(1, chunk) for _ in range(iters + 1)]
@@ -140,13 +106,6 @@ def measure(tp: int, pp: int, config_path: str, chunk: int, decode_batch: int, i
                              stats=[{k: v / iters for k, v in s.items()} for s in stats])
         if pp > 1:
             out["decode/2x2"] = _pipelined_decode(driver, maker, decode_batch, iters)
-    finally:
-        driver.stop()
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-        close_rank(r)
     return out
 
 

@@ -1,0 +1,65 @@
+"""A replica's ranks as processes on this host, for benchmarks that drive rank 0 directly (no
+scheduler, no gRPC): rank 0 lives in the calling process, the others follow it."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from sarathi.cli import free_port
+from sarathi.model_spec import resolve
+from worker_service.attention import make_backend
+from worker_service.models.loader import load_model
+from worker_service.parallel.layout import ReplicaLayout
+from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, exit_now, follow
+
+
+def loader(model: str, dtype: torch.dtype, attention: str = "auto"):
+    """load(device, part) for build_rank: `model` as `sarathi worker --model` takes it."""
+    source = resolve(model)
+
+    def load(device: torch.device, part=None):
+        return load_model(source, make_backend(attention, device), device, dtype, seed=0, part=part)
+    return load
+
+
+def _follower(layout: ReplicaLayout, rank: int, model: str, device: torch.device, dtype: torch.dtype,
+              attention: str) -> None:
+    torch.set_num_threads(1)
+    r = build_rank(layout, rank, loader(model, dtype, attention), device, dtype)
+    r.mailbox.wait_for_peers(900)
+    follow(r)
+    exit_now(0)   # skip the collectives' teardown, which may wait on ranks that are already gone
+
+
+@contextmanager
+def local_replica(tp: int, pp: int, model: str, device: torch.device, dtype: torch.dtype,
+                  attention: str = "auto") -> Iterator[ReplicaDriver]:
+    """TP x PP ranks on this host (one GPU each where `device` is cuda); yields rank 0's driver
+    and stops every rank on the way out."""
+    world = tp * pp
+    layout = ReplicaLayout(tp, pp, tuple(f"127.0.0.1:{free_port()}" for _ in range(world)),
+                           f"127.0.0.1:{free_port()}")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_follower, args=(layout, k, model, device, dtype, attention), daemon=True)
+             for k in range(1, world)]
+    for p in procs:
+        p.start()
+    torch.set_num_threads(1)
+    r = build_rank(layout, 0, loader(model, dtype, attention), device, dtype)
+    driver = None
+    try:
+        r.mailbox.wait_for_peers(900)
+        driver = ReplicaDriver(r)
+        yield driver
+    finally:
+        if driver is not None:
+            driver.stop()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        close_rank(r)
