@@ -70,7 +70,13 @@ def run_worker(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     source = resolve(args.model)
     if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        from sarathi.lifecycle import dies_with_this_process
         from worker_service.parallel.service import run_replica_worker
+
+        if args.rank == 0 and args.replica_addresses is None and args.dist_init is None:
+            # The whole replica on this host: ranks 1..n are this process's children.
+            for cmd in local_peer_commands(args):
+                subprocess.Popen(cmd, preexec_fn=dies_with_this_process())
 
         def load(rank_device, part):  # each rank reads only its part, on its own GPU
             return load_model(source, make_backend(args.attention, rank_device), rank_device, dtype,

@@ -11,7 +11,6 @@ import argparse
 import logging
 import queue
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,8 +20,6 @@ import grpc
 import torch
 
 from protos import worker_pb2
-from sarathi.cli import local_peer_commands
-from sarathi.lifecycle import dies_with_this_process
 from worker_service.parallel.layout import ReplicaLayout
 from worker_service.parallel.replica import ReplicaDriver, build_rank, exit_now, follow
 from worker_service.runner import PlanError
@@ -104,12 +101,7 @@ def layout_from_args(args: argparse.Namespace, rank0_port: int) -> ReplicaLayout
 
 
 def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dtype: torch.dtype) -> None:
-    """`sarathi worker` with --tensor-parallel-size or --pipeline-parallel-size above 1. Rank 0
-    given no --replica-addresses and no --dist-init runs the whole replica on this host: it
-    starts the other ranks as its children (one GPU each), which die with it."""
-    if args.rank == 0 and args.replica_addresses is None and args.dist_init is None:
-        for cmd in local_peer_commands(args):
-            subprocess.Popen(cmd, preexec_fn=dies_with_this_process())
+    """`sarathi worker` with --tensor-parallel-size or --pipeline-parallel-size above 1."""
     layout = layout_from_args(args, args.port)
     rank = args.rank
     start = time.monotonic()
