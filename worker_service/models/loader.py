@@ -6,6 +6,7 @@ cache, so every later start loads safetensors directly.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import tempfile
@@ -79,37 +80,43 @@ def hf_folder_for(source: ModelSource) -> Path:
 
 
 def convert_gguf(gguf_path: str) -> Path:
-    """Dequantises a GGUF file once into a cached Hugging Face folder (weights + tokenizer)."""
+    """Dequantises a GGUF file once into a cached Hugging Face folder (weights + tokenizer).
+    Processes converting the same file at once (the ranks of a replica) take turns on a lock
+    file: the first converts, the others find its result."""
     target = converted_dir(gguf_path)
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
-    print(f"converting {name} once into {target} (later starts load the cache)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a concurrent start never sees half a folder.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    # save_pretrained refuses GGUF-loaded models, so write the dequantised tensors ourselves.
-    from safetensors.torch import save_file
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+        print(f"converting {name} once into {target} (later starts load the cache)", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # Write beside the target, then rename: a concurrent start never sees half a folder.
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        # save_pretrained refuses GGUF-loaded models, so write the dequantised tensors ourselves.
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
 
 
 class ModelPart(Protocol):
