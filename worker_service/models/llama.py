@@ -19,17 +19,22 @@ from worker_service.attention import AttentionBackend, AttentionMetadata
 from worker_service.models.config import ModelConfig
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that skinny CUDA inputs (a decode batch of at most 16 rows, bf16/fp16)
+    go to kernels/gemv.py, which streams the weight faster than cuBLAS does at that shape."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= 16 and x.dtype in (torch.bfloat16, torch.float16) \
+            and weight.dtype == x.dtype:
+        from kernels.gemv import gemv
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose skinny CUDA inputs (a decode batch of at most 16 rows, bf16/fp16) go to
-    kernels/gemv.py, which streams the weight faster than cuBLAS does at that shape."""
+    """nn.Linear through `linear` (the gemv kernel for decode batches on GPUs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= 16 and x.dtype in (torch.bfloat16, torch.float16) \
-                and self.weight.dtype == x.dtype:
-            from kernels.gemv import gemv
-
-            return gemv(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_service.models.config import ModelConfig
-from worker_service.models.llama import Linear, LlamaModel
+from worker_service.models.llama import Linear, LlamaModel, linear
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight), self.group)
+        return all_reduce(linear(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -93,7 +93,7 @@ class VocabParallelLMHead(nn.Module):
         self.group = group
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight)
+        local = linear(h, self.weight)
         if local.shape[-1] < self.shard_rows:   # the last shard of an uneven split
             local = F.pad(local, (0, self.shard_rows - local.shape[-1]))
         local = local.contiguous()
