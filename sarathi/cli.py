@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -75,8 +76,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
         if args.rank == 0 and args.replica_addresses is None and args.dist_init is None:
             # The whole replica on this host: ranks 1..n are this process's children.
-            for cmd in local_peer_commands(args):
-                subprocess.Popen(cmd, preexec_fn=dies_with_this_process())
+            peers = [subprocess.Popen(cmd, preexec_fn=dies_with_this_process())
+                     for cmd in local_peer_commands(args)]
+            threading.Thread(target=exit_with_failed_peer, args=(peers,), daemon=True).start()
 
         def load(rank_device, part):  # each rank reads only its part, on its own GPU
             return load_model(source, make_backend(args.attention, rank_device), rank_device, dtype,
@@ -194,6 +196,19 @@ def worker_command(args: argparse.Namespace, worker_port: int) -> list[str]:
     if args.hybrid_graph_tokens is None:  # no graphs for iterations the budget never forms
         cmd += ["--hybrid-graph-tokens", str(min(args.chunk_size, HYBRID_GRAPH_TOKENS))]
     return cmd
+
+
+def exit_with_failed_peer(peers: list[subprocess.Popen]) -> None:
+    """Ends rank 0 as soon as one of the local ranks it started exits with an error: rank 0
+    would otherwise wait for that rank (at start, for many minutes) before it failed."""
+    while True:
+        for rank, peer in enumerate(peers, start=1):
+            code = peer.poll()
+            if code not in (None, 0):
+                print(f"worker: rank {rank} exited with code {code}, so the replica cannot run "
+                      "(its error is above)", file=sys.stderr, flush=True)
+                os._exit(1)
+        time.sleep(0.2)
 
 
 def local_peer_commands(args: argparse.Namespace) -> list[list[str]]:

@@ -55,3 +55,24 @@ def test_killing_one_worker_fails_the_replica_unavailable_within_10s(tp, pp, vic
     finally:
         for p in [*workers, *others.values()]:
             kill(p, signal.SIGKILL)
+
+
+def test_a_local_rank_that_dies_at_start_ends_its_worker_at_once():
+    """`sarathi worker --tensor-parallel-size 2` starts rank 1 itself; if rank 1 dies before the
+    replica is up, rank 0 would wait for it in the collective rendezvous for minutes."""
+    import psutil
+
+    worker = spawn("worker", "--port", str(free_port()), "--tensor-parallel-size", "2", *TINY)
+    try:
+        deadline = time.monotonic() + 60
+        peers: list = []
+        while not peers and time.monotonic() < deadline:
+            peers = [p for p in psutil.Process(worker.pid).children() if "--rank" in p.cmdline()]
+            time.sleep(0.05)
+        assert peers, "rank 0 started no peer"
+        peers[0].kill()
+        start = time.monotonic()
+        assert worker.wait(timeout=15) != 0
+        assert time.monotonic() - start < 10
+    finally:
+        kill(worker, signal.SIGKILL)
