@@ -185,13 +185,17 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        graph_room = 0
-        if self.use_cuda_graphs:  # each graph keeps its own logits; its activations share a pool
-            elem = 4 * c.vocab_size + 16 * (c.hidden_size + c.intermediate_size)
-            graph_room = sum(self.graph_batch_sizes) * elem + (256 << 20)
-            if self.hybrid_graph_tokens:  # their pool holds one largest step's activations
-                graph_room += peak
-        return max(0, int(total * fraction - peak - outside_torch - graph_room))
+        return max(0, int(total * fraction - peak - outside_torch - self.graph_room_bytes(peak)))
+
+    def graph_room_bytes(self, peak: int) -> int:
+        """Memory the CUDA graphs will hold, given one iteration's peak activations."""
+        if not self.use_cuda_graphs:
+            return 0
+        c = self.config  # each graph keeps its own logits; its activations share a pool
+        room = sum(self.graph_batch_sizes) * (4 * c.vocab_size + 16 * (c.hidden_size + c.intermediate_size))
+        if self.hybrid_graph_tokens:  # their pool holds one largest step's activations
+            room += peak
+        return room + (256 << 20)
 
     # --- one iteration ----------------------------------------------------------------------
     def execute(self, plan: BatchPlan) -> StepOutput:

@@ -176,7 +176,7 @@ def kv_budget_bytes(runner: StageRunner, max_num_tokens: int, fraction: float) -
     logits = 3 * 256 * c.vocab_size * 4 if runner.samples else 0
     activations = tokens * width * elem + logits + (256 << 20)  # + attention workspace
     return max(0, int(total * fraction - torch.cuda.memory_allocated(device) - outside_torch
-                      - activations))
+                      - activations - runner.graph_room_bytes(activations)))
 
 
 # --- ranks other than 0 -------------------------------------------------------------------
