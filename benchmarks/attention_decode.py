@@ -1,11 +1,12 @@
 """Decode attention alone, per layer call, for each GPU backend variant: which to use when.
 
-Llama-3-8B's attention shape (32 query heads, 8 KV heads, head dim 128), bf16, paged KV in
-blocks of 16, every sequence at the same context. Each variant's calls for all 32 layers are
+Llama-3-8B's attention shape by default (32 query heads, 8 KV heads, head dim 128; a TP rank's
+share with --heads/--kv-heads, e.g. 16/2 for a 70B model at TP=4), bf16, paged KV in blocks of
+16, every sequence at the same context. Each variant's calls for all 32 layers are
 captured in one CUDA graph (as the decode graphs run them), and the replay is timed; the table
 gives microseconds per layer call and the KV bandwidth that implies.
 
-  python3 benchmarks/attention_decode.py [--batches 1 8 32 64 128] [--context 1024]
+  python3 benchmarks/attention_decode.py [--batches 1 8 32 64 128] [--context 1024] [--heads 32 --kv-heads 8]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from worker_service.attention.flashinfer_backend import FlashInferAttention
 from worker_service.attention.triton_backend import TritonAttention
 
 DEV = torch.device("cuda")
-HEADS, KV_HEADS, DIM, BLOCK, LAYERS = 32, 8, 128, 16, 32
+DIM, BLOCK, LAYERS = 128, 16, 32
 
 
 class FixedSplits(TritonAttention):
@@ -45,10 +46,10 @@ def variants(sweep: list[int]):
         yield f"triton split-KV, {n} splits", FixedSplits(n)
 
 
-def time_variant(backend, batch: int, context: int) -> float:
+def time_variant(backend, batch: int, context: int, heads: int, kv_heads: int) -> float:
     """Microseconds per layer call, from one graph replay of LAYERS calls."""
     pages = -(-context // BLOCK)
-    caches = [torch.randn(batch * pages, 2, BLOCK, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16)
+    caches = [torch.randn(batch * pages, 2, BLOCK, kv_heads, DIM, device=DEV, dtype=torch.bfloat16)
               for _ in range(LAYERS)]
     tables = torch.arange(batch * pages, dtype=torch.int32, device=DEV).view(batch, pages)
     meta = AttentionMetadata(
@@ -57,9 +58,9 @@ def time_variant(backend, batch: int, context: int) -> float:
         block_tables=tables, slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=DEV),
         block_size=BLOCK, query_start_host=list(range(batch + 1)), context_lens_host=[context] * batch,
         num_decode_only=True)
-    backend.configure(HEADS, KV_HEADS, DIM, torch.bfloat16)
+    backend.configure(heads, kv_heads, DIM, torch.bfloat16)
     backend.begin_iteration(meta)
-    q = torch.randn(batch, HEADS, DIM, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, DIM, device=DEV, dtype=torch.bfloat16)
 
     return microseconds_per_call([lambda c=cache: backend.forward(q, c, meta, DIM ** -0.5)
                                   for cache in caches])
@@ -69,18 +70,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=32, help="query heads (32: Llama-3-8B; a TP rank's share)")
+    ap.add_argument("--kv-heads", type=int, default=8, help="KV heads (8: Llama-3-8B; 2: a 70B rank at TP=4)")
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 4, 8, 16, 32],
                     help="fixed split counts to time beside the default choice")
     args = ap.parse_args()
-    print(f"Decode attention per layer call, context {args.context}, {torch.cuda.get_device_name()}\n")
+    print(f"Decode attention per layer call, {args.heads} query / {args.kv_heads} KV heads, context "
+          f"{args.context}, {torch.cuda.get_device_name()}\n")
     print("| variant | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
     print("| --- |" + " --- |" * len(args.batches))
     for name, backend in variants(args.splits):
         cells = []
         for b in args.batches:
             try:
-                us = time_variant(backend, b, args.context)
-                kv = b * args.context * 2 * KV_HEADS * DIM * 2
+                us = time_variant(backend, b, args.context, args.heads, args.kv_heads)
+                kv = b * args.context * 2 * args.kv_heads * DIM * 2
                 cells.append(f"{us:.1f} us ({kv / us / 1e6:.2f} TB/s)")
             except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
                 cells.append(f"failed: {type(e).__name__}")
