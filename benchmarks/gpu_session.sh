@@ -12,7 +12,7 @@
 # benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]).
 # Knobs: TEST_K (a pytest -k expression), BENCH_ARGS, PROFILE_ARGS, OVERHEAD_ARGS (e.g.
 # "--server-arg=--no-overlap"), SMOLLM2_GGUF (the real weights, for the transformers agreement
-# test), CAPACITY_MODEL (default dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES, CAPACITY_REQUESTS,
+# test), ATTENTION_ARGS, CAPACITY_MODEL (default dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES, CAPACITY_REQUESTS,
 # CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals per probe, default
 # 15: shorter probes at high rates are bursts, not a steady state), CAPACITY_ARGS (extra capacity
 # arguments).
@@ -62,7 +62,7 @@ for part in "$@"; do
         bench-hf) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --out "$OUT" \
             ${BENCH_ARGS:-} ;;
         profile) timeout "$limit" python3 benchmarks/decode_profile.py ${PROFILE_ARGS:-} ;;
-        attention) timeout "$limit" python3 benchmarks/attention_decode.py ;;
+        attention) timeout "$limit" python3 benchmarks/attention_decode.py ${ATTENTION_ARGS:-} ;;
         gemv) timeout "$limit" bash tests/gpu/run_on_device.sh -k gemv | tail -2
               timeout "$limit" python3 benchmarks/gemv_sweep.py ;;
         overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
