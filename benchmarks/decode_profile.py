@@ -26,6 +26,8 @@ from gpu_bench import (
     CONTEXT,
     DEV,
     Driver,
+    add_split_decode_arg,
+    apply_split_decode_arg,
     kv_bytes,
     measure_copy_bandwidth,
     weight_bytes_read_per_step,  # noqa: E402
@@ -77,15 +79,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=CONTEXT)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--top", type=int, default=12, help="also list this many costliest kernels")
-    ap.add_argument("--split-decode-max-batch", type=int, default=None,
-                    help="FlashInfer backend: decode batches up to this size run our split-KV "
-                         "kernel (0: none; default: the backend's own)")
+    add_split_decode_arg(ap)
     args = ap.parse_args()
 
     model = load_model(resolve(f"dummy:{args.model}"), make_backend(args.backend, DEV), DEV,
                        torch.bfloat16)
-    if args.split_decode_max_batch is not None:
-        model.backend.split_decode_max_batch = args.split_decode_max_batch
+    apply_split_decode_arg(model, args)
     runner = ModelRunner(model, DEV, torch.bfloat16, graph_batch_sizes=tuple(args.batches))
     blocks = (16 << 30) // runner.bytes_per_block(BLOCK)
     runner.init_cache(blocks, BLOCK)

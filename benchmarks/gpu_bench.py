@@ -148,6 +148,17 @@ def weight_bytes_read_per_step(model) -> int:
     return total
 
 
+def add_split_decode_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--split-decode-max-batch", type=int, default=None,
+                    help="FlashInfer backend: decode batches up to this size run our split-KV "
+                         "kernel (0: none; default: the backend's own)")
+
+
+def apply_split_decode_arg(model, args: argparse.Namespace) -> None:
+    if args.split_decode_max_batch is not None:
+        model.backend.split_decode_max_batch = args.split_decode_max_batch
+
+
 def kv_bytes(config, tokens: int, elem: int = 2) -> int:
     return tokens * config.num_layers * 2 * config.num_kv_heads * config.head_dim * elem
 
@@ -253,9 +264,7 @@ def main() -> None:
     ap.add_argument("--hybrid-graph-tokens", type=int, default=0,
                     help="iterations with prefill chunks up to this many tokens as piecewise graphs")
     ap.add_argument("--kv-gb", type=float, default=24.0)
-    ap.add_argument("--split-decode-max-batch", type=int, default=None,
-                    help="FlashInfer backend: decode batches up to this size run our split-KV "
-                         "kernel (0: none; default: the backend's own)")
+    add_split_decode_arg(ap)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rows: list[tuple[str, str, str, str]] = []
@@ -270,8 +279,7 @@ def main() -> None:
     t = time.perf_counter()
     source = resolve(f"dummy:{args.model}")
     model = load_model(source, make_backend(args.backend, DEV), DEV, torch.bfloat16)
-    if args.split_decode_max_batch is not None:
-        model.backend.split_decode_max_batch = args.split_decode_max_batch
+    apply_split_decode_arg(model, args)
     backend_name = type(model.backend).__name__
     sizes = tuple(sorted(set(DECODE_BATCHES) | {1, 2, 4}))
     runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=not args.no_graphs,
@@ -286,14 +294,19 @@ def main() -> None:
     weights = weight_bytes_read_per_step(model)
     results["weight_bytes_per_step"] = weights
 
-    decode = {}
-    for b in DECODE_BATCHES:
+    def decode_row(label: str, b: int) -> DecodeTimes:
+        """Times decode steps at batch b, context CONTEXT, and adds their row against the floor."""
         times = bench_decode(driver, b, args.steps)
         floor = (weights + kv_bytes(config, b * CONTEXT)) / bw
-        decode[b] = step = times.served
-        rows.append((f"decode step, batch {b}, context {CONTEXT}",
-                     f"{step * 1e3:.2f} ms (alone {times.alone * 1e3:.2f}, GPU {times.device * 1e3:.2f})",
-                     f"{floor * 1e3:.2f} ms", f"{step / floor:.2f}x floor"))
+        rows.append((label, f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f}, "
+                            f"GPU {times.device * 1e3:.2f})",
+                     f"{floor * 1e3:.2f} ms", f"{times.served / floor:.2f}x floor"))
+        return times
+
+    decode = {}
+    for b in DECODE_BATCHES:
+        times = decode_row(f"decode step, batch {b}, context {CONTEXT}", b)
+        decode[b] = times.served
         results[f"decode_{b}"] = vars(times)
     results["decode_s"] = decode
     if runner.graphs is not None:  # the same steps without graphs, to show what graphs buy
@@ -310,12 +323,7 @@ def main() -> None:
         model.backend.split_decode_max_batch = 0
         runner.graphs.capture()
         for b in (b for b in DECODE_BATCHES if b <= split):
-            times = bench_decode(driver, b, args.steps)
-            floor = (weights + kv_bytes(config, b * CONTEXT)) / bw
-            rows.append((f"decode step, batch {b}, FlashInfer decode (split-KV off)",
-                         f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f}, "
-                         f"GPU {times.device * 1e3:.2f})",
-                         f"{floor * 1e3:.2f} ms", f"{times.served / floor:.2f}x floor"))
+            times = decode_row(f"decode step, batch {b}, FlashInfer decode (split-KV off)", b)
             results[f"decode_fi_{b}"] = vars(times)
         model.backend.split_decode_max_batch = split
         runner.graphs.capture()
