@@ -39,7 +39,8 @@ def _follower(layout: ReplicaLayout, rank: int, model: str, device: torch.device
 def local_replica(tp: int, pp: int, model: str, device: torch.device, dtype: torch.dtype,
                   attention: str = "auto") -> Iterator[ReplicaDriver]:
     """TP x PP ranks on this host (one GPU each where `device` is cuda); yields rank 0's driver
-    and stops every rank on the way out."""
+    and stops every rank on the way out. After a normal exit of the block, a rank that did not
+    stop cleanly (exit code 0 within 10 s) is an error."""
     world = tp * pp
     layout = ReplicaLayout(tp, pp, tuple(f"127.0.0.1:{free_port()}" for _ in range(world)),
                            f"127.0.0.1:{free_port()}")
@@ -55,6 +56,13 @@ def local_replica(tp: int, pp: int, model: str, device: torch.device, dtype: tor
         r.mailbox.wait_for_peers(900)
         driver = ReplicaDriver(r)
         yield driver
+        driver.stop()
+        driver = None
+        for p in procs:
+            p.join(10)
+        codes = [p.exitcode for p in procs]
+        if any(code != 0 for code in codes):
+            raise RuntimeError(f"ranks 1..{world - 1} ended with exit codes {codes}")
     finally:
         if driver is not None:
             driver.stop()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.parallel_handoff import PlanMaker
+from benchmarks.replica_launch import local_replica
 from protos import worker_pb2
 from sarathi.cli import free_port
 from sarathi.model_spec import resolve
@@ -154,14 +155,8 @@ def test_replica_samples_the_tokens_of_one_runner(tp, pp):
 
 
 def test_replica_kv_budget_is_asked_of_every_rank():
-    layout = ReplicaLayout(2, 1, (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"),
-                           f"127.0.0.1:{free_port()}")
-    proc = mp.get_context("spawn").Process(target=_follower, args=(layout, 1), daemon=True)
-    proc.start()
-    r = build_rank(layout, 0, _load, CPU, torch.float32)
-    try:
-        r.mailbox.wait_for_peers(120)
-        driver = ReplicaDriver(r)
+    # local_replica also fails the test if rank 1 does not stop cleanly afterwards.
+    with local_replica(2, 1, "dummy:tiny", CPU, torch.float32, attention="torch") as driver:
         # On the CPU each rank offers its share of available RAM; the answer, in units of the
         # largest rank's bytes per token, is what the tightest rank can hold.
         budget = driver.profile_free_memory(64, 0.5)
@@ -169,10 +164,3 @@ def test_replica_kv_budget_is_asked_of_every_rank():
         per_block = driver.bytes_per_block(16)
         assert 0 < budget <= ram * 0.5
         assert budget // per_block > 0
-        driver.stop()
-        proc.join(20)
-        assert proc.exitcode == 0
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        close_rank(r)
