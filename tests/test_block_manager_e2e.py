@@ -30,11 +30,14 @@ def test_a_request_sharing_a_256_token_prefix_prefills_only_the_rest_with_exact_
 
 def test_preemption_by_swapping_to_host_memory_keeps_tokens_exact(server_factory, hf_model, long_token_ids):
     # 48 device blocks cannot hold these four requests at once; 200 host blocks take the evicted KV.
+    # 48 new tokens each, so that the four stay in flight together even when the requests reach
+    # a loaded 2-core machine one by one (with 16, the first could finish before the last came).
+    new_tokens = 48
     server = server_factory("--chunk-size", "64", "--num-kv-blocks", "48", "--num-host-kv-blocks", "200")
     prompts = [long_token_ids[9 * i: 9 * i + n] for i, n in enumerate([150, 200, 240, 300])]
     stub = server.stub()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        got = list(pool.map(lambda p: collect(stub.Generate(greedy_request(p, NEW_TOKENS)))[0], prompts))
+        got = list(pool.map(lambda p: collect(stub.Generate(greedy_request(p, new_tokens)))[0], prompts))
     assert server.metrics()["sarathi_preemptions_total"] > 0, "the cache was meant to be too small"
-    assert got == [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
+    assert got == [hf_greedy(hf_model, p, new_tokens) for p in prompts]
     assert server.metrics()["sarathi_kv_blocks_used"] == 0
