@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
 from tests.gpu.test_transformers_agreement_gpu import compare_with_transformers
 
 

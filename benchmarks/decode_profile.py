@@ -33,7 +33,7 @@ from gpu_bench import (
     weight_bytes_read_per_step,  # noqa: E402
 )
 
-from sarathi.model_spec import resolve  # noqa: E402
+from sarathi_common.model_spec import resolve  # noqa: E402
 from worker_service.attention import make_backend  # noqa: E402
 from worker_service.models.loader import load_model  # noqa: E402
 from worker_service.runner import ModelRunner  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.loader import hf_config_for, load_model
 from worker_service.runner import ModelRunner

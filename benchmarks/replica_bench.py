@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.parallel_handoff import BLOCK, PlanMaker
 from benchmarks.replica_launch import local_replica
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.config import ModelConfig
 from worker_service.models.llama import LlamaModel

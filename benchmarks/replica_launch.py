@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
-from sarathi.cli import free_port
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
+from sarathi_common.net import free_port
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.parallel.layout import ReplicaLayout

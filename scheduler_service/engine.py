@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import zmq
 
 from protos.batch_plan import BatchPlan
+from sarathi_common.lifecycle import exit_with_parent
 from scheduler_service.block_manager import CacheConfig, make_block_manager
+from scheduler_service.config import SchedulerConfig
 from scheduler_service.metrics import EngineStats
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
@@ -40,6 +42,16 @@ class EngineConfig:
     worker_timeout_s: float = 600.0
     overlap: bool = True          # schedule and send plan N+1 while the worker runs plan N
     trace_length: int = 10000     # iterations kept in the per-iteration trace
+
+    @classmethod
+    def from_settings(cls, settings: SchedulerConfig, command_address: str,
+                      update_address: str) -> EngineConfig:
+        assert settings.worker is not None, "the engine needs a worker address"
+        return cls(worker_address=settings.worker, command_address=command_address,
+                   update_address=update_address, policy=settings.policy,
+                   policy_config=settings.policy_config(), block_size=settings.block_size,
+                   cache=settings.cache_config(), num_kv_blocks=settings.num_kv_blocks,
+                   memory_fraction=settings.memory_fraction, overlap=settings.overlap)
 
 
 # --- messages between frontend and engine ------------------------------------------------
@@ -266,8 +278,6 @@ class Engine:
 
 def run_engine(config: EngineConfig, parent_pid: int) -> None:
     """Process entry point. Reports a fatal error to the frontend instead of dying silently."""
-    from sarathi.lifecycle import exit_with_parent
-
     exit_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     engine = Engine(config)

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2, generation_pb2_grpc
 from protos.batch_plan import SamplingOptions
+from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.engine import (
     AbortRequest,
@@ -65,7 +66,7 @@ class _Stream:
 class EngineClient:
     """Starts the engine process and routes its updates to waiting Generate calls."""
 
-    def __init__(self, config_kwargs: dict, metrics: ServerMetrics) -> None:
+    def __init__(self, settings: SchedulerConfig, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self._dir = tempfile.mkdtemp(prefix="sarathi-")
         self.command_address = f"ipc://{self._dir}/commands"
@@ -75,8 +76,7 @@ class EngineClient:
         self.commands.bind(self.command_address)
         self.updates = self.ctx.socket(zmq.PULL)
         self.updates.bind(self.update_address)
-        self.config = EngineConfig(command_address=self.command_address,
-                                   update_address=self.update_address, **config_kwargs)
+        self.config = EngineConfig.from_settings(settings, self.command_address, self.update_address)
         self.streams: dict[int, _Stream] = {}
         self.ready: EngineReady | None = None
         self.failure: str | None = None
@@ -308,15 +308,15 @@ class OperatorService(generation_pb2_grpc.OperatorServicer):
             decode_seq_ids=r.decode_seq_ids, prefill_seq_ids=r.prefill_seq_ids) for r in records])
 
 
-async def serve_frontend(host: str, port: int, engine_kwargs: dict, tokenizer, model_name: str,
-                         max_queue: int = 4096, metrics_port: int | None = None) -> None:
+async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) -> None:
     """Runs the gRPC API until cancelled; the engine process lives as long as this coroutine."""
+    host, port = config.host, config.port
     metrics = ServerMetrics()
-    if metrics_port is not None:
-        metrics.serve(host, metrics_port)
-    engine = EngineClient(engine_kwargs, metrics)
+    if config.metrics_port is not None:
+        metrics.serve(host, config.metrics_port)
+    engine = EngineClient(config, metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    service = GenerationService(engine, tokenizer, model_name, max_queue)
+    service = GenerationService(engine, tokenizer, model_name, config.max_queue)
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
     generation_pb2_grpc.add_OperatorServicer_to_server(OperatorService(engine), server)
     health_servicer = health.aio.HealthServicer()

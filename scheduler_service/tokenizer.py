@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sarathi.model_spec import ModelKind, ModelSource, cache_root, converted_dir
+from sarathi_common.model_spec import ModelKind, ModelSource, cache_root, converted_dir
 
 
 def load_tokenizer(source: ModelSource, override: str | None = None):

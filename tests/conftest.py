@@ -16,8 +16,9 @@ import grpc
 import pytest
 
 from protos import generation_pb2, generation_pb2_grpc
-from sarathi.cli import free_port, wait_serving
-from sarathi.lifecycle import dies_with_this_process
+from sarathi.client import wait_serving
+from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ def hf_model():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sarathi.model_spec import resolve
+    from sarathi_common.model_spec import resolve
     from worker_service.models.loader import hf_folder_for
 
     folder = str(hf_folder_for(resolve(None)))
@@ -132,7 +133,7 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]
     model, _ = hf_model
     key = hashlib.sha256(json.dumps([model.name_or_path, transformers.__version__, torch.__version__,
                                      prompt_ids, max_new_tokens]).encode()).hexdigest()[:24]
-    from sarathi.model_spec import cache_root
+    from sarathi_common.model_spec import cache_root
 
     cached = cache_root() / "test-references" / f"{key}.json"
     if cached.exists():

@@ -95,7 +95,7 @@ def wait_serving(address: str, containers: list[DockerContainer]) -> float:
 
 
 def ask(address: str) -> str:
-    from sarathi.cli import generate
+    from sarathi.client import generate
 
     out = io.StringIO()
     first, finished = generate(address, QUESTION, chat=True, max_tokens=32, temperature=0.0,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERT = ("from sarathi.model_spec import resolve; "
+CONVERT = ("from sarathi_common.model_spec import resolve; "
            "from worker_service.models.loader import hf_folder_for; "
            "print('folder', hf_folder_for(resolve(None)))")
 

@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2
 from test_services import health_status, kill, spawn
 
 from protos import generation_pb2_grpc
-from sarathi.cli import free_port, wait_serving
+from sarathi.client import wait_serving
+from sarathi_common.net import free_port
 
 TINY = ("--model", "dummy:tiny", "--threads", "1")
 

@@ -15,7 +15,8 @@ from conftest import ROOT, RunningServer, start_server
 from test_parallel_exactness import generate_all
 from test_services import kill
 
-from sarathi.cli import free_port, wait_serving
+from sarathi.client import wait_serving
+from sarathi_common.net import free_port
 
 TINY = ("--model", "dummy:tiny", "--weights-seed", "7", "--threads", "1")
 PROMPT_LENGTHS = [5, 12, 33, 70, 128, 201, 333, 600]

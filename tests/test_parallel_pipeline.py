@@ -11,7 +11,7 @@ from test_parallel_sharding import CPU, _follower, _load
 
 from benchmarks.parallel_handoff import PlanMaker
 from protos import worker_pb2
-from sarathi.cli import free_port
+from sarathi_common.net import free_port
 from worker_service.parallel.layout import ReplicaLayout
 from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank
 from worker_service.runner import ModelRunner

@@ -12,8 +12,8 @@ import torch
 from benchmarks.parallel_handoff import PlanMaker
 from benchmarks.replica_launch import local_replica
 from protos import worker_pb2
-from sarathi.cli import free_port
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
+from sarathi_common.net import free_port
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.parallel.layout import ReplicaLayout, split_layers

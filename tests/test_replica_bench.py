@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.replica_bench import floor_seconds, rank_weight_bytes
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
 from worker_service.models.config import ModelConfig
 from worker_service.models.loader import hf_config_for
 from worker_service.parallel.layout import ReplicaLayout

@@ -4,7 +4,11 @@ A replica's rank 0 started without a layout starts its other ranks on this host.
 
 from __future__ import annotations
 
-from sarathi.cli import build_parser, local_peer_commands, worker_command
+from sarathi.cli import build_parser, serve_configs
+from sarathi.supervise import worker_command
+from sarathi_common.options import from_namespace
+from worker_service.config import WorkerConfig
+from worker_service.parallel.local import peer_commands, with_local_layout
 
 
 def flag_values(cmd: list[str], flag: str) -> list[str]:
@@ -12,7 +16,8 @@ def flag_values(cmd: list[str], flag: str) -> list[str]:
 
 
 def command_for(*serve_args: str) -> list[str]:
-    return worker_command(build_parser().parse_args(["serve", *serve_args]), 50061)
+    return worker_command(serve_configs(build_parser().parse_args(["serve", "--worker-port", "50061",
+                                                                   *serve_args]))[1])
 
 
 def test_hybrid_graphs_default_to_512_tokens():
@@ -48,7 +53,8 @@ def test_serve_starts_one_worker_even_for_a_replica():
 def test_rank_0_without_a_layout_starts_ranks_1_to_n_with_one_shared_layout():
     args = build_parser().parse_args(["worker", "--model", "dummy:tiny", "--tensor-parallel-size", "2",
                                       "--pipeline-parallel-size", "2"])
-    peers = local_peer_commands(args)
+    args = with_local_layout(from_namespace(WorkerConfig, args))
+    peers = peer_commands(args)
     assert [flag_values(c, "--rank") for c in peers] == [["1"], ["2"], ["3"]]
     addresses = {tuple(flag_values(c, "--replica-addresses")) for c in peers}
     assert addresses == {(args.replica_addresses,)} and len(args.replica_addresses.split(",")) == 4

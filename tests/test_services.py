@@ -14,7 +14,8 @@ from conftest import ROOT, collect, greedy_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from sarathi.cli import free_port, wait_serving
+from sarathi.client import wait_serving
+from sarathi_common.net import free_port
 
 
 def spawn(*args: str) -> subprocess.Popen:
@@ -125,7 +126,7 @@ def test_killing_serve_outright_leaves_no_worker_or_engine_behind(replica):
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=120, proc=serve)
         children = psutil.Process(serve.pid).children(recursive=True)
-        workers = [p for p in children if "worker" in p.cmdline()]
+        workers = [p for p in children if "worker_service" in p.cmdline()]  # python -m worker_service
         assert len(workers) == (2 if replica else 1)  # rank 1 is rank 0's child
         assert len(children) >= 2  # the worker(s) and the engine (and helpers)
         serve.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel must do it

@@ -19,8 +19,8 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sarathi.cli import free_port
-from sarathi.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.net import free_port
 
 HEALTH_POLL_S = 0.5
 STOP_GRACE_S = 15.0

@@ -13,7 +13,7 @@ import torch
 
 import worker_service.runner as runner_module
 from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.runner import ModelRunner

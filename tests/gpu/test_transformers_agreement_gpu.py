@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from sarathi.model_spec import resolve
+from sarathi_common.model_spec import resolve
 from tests.gpu.test_runner_gpu import BLOCK, drive
 from worker_service.attention import make_backend
 from worker_service.models.loader import hf_folder_for, load_model

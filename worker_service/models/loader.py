@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sarathi.model_spec import ModelKind, ModelSource, converted_dir
+from sarathi_common.model_spec import ModelKind, ModelSource, converted_dir
 from worker_service.attention import AttentionBackend
 from worker_service.models.config import ModelConfig
 from worker_service.models.llama import LlamaModel

@@ -7,7 +7,6 @@ other ranks exactly as they arrived and every rank decodes them once.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import queue
 import signal
@@ -20,6 +19,7 @@ import grpc
 import torch
 
 from protos import worker_pb2
+from worker_service.config import WorkerConfig
 from worker_service.parallel.layout import ReplicaLayout
 from worker_service.parallel.replica import ReplicaDriver, build_rank, exit_now, follow
 from worker_service.runner import PlanError
@@ -91,21 +91,21 @@ def _handlers(svc: ReplicaWorkerService) -> grpc.GenericRpcHandler:
     })
 
 
-def layout_from_args(args: argparse.Namespace, rank0_port: int) -> ReplicaLayout:
-    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
-    if args.replica_addresses is None or args.dist_init is None:
+def layout_of(config: WorkerConfig) -> ReplicaLayout:
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if config.replica_addresses is None or config.dist_init is None:
         raise SystemExit(f"a replica of TP={tp} x PP={pp} spread over hosts needs --replica-addresses "
                          "(one host:port per rank) and --dist-init host:port on every rank; "
                          "rank 0 given neither runs the whole replica on this host")
-    return ReplicaLayout.parse(tp, pp, args.replica_addresses, args.dist_init)
+    return ReplicaLayout.parse(tp, pp, config.replica_addresses, config.dist_init)
 
 
-def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dtype: torch.dtype) -> None:
+def run_replica_worker(config: WorkerConfig, load, device: torch.device, dtype: torch.dtype) -> None:
     """`sarathi worker` with --tensor-parallel-size or --pipeline-parallel-size above 1."""
-    layout = layout_from_args(args, args.port)
-    rank = args.rank
+    layout = layout_of(config)
+    rank = config.rank
     start = time.monotonic()
-    r = build_rank(layout, rank, load, device, dtype, cuda_graphs=not args.no_cuda_graphs)
+    r = build_rank(layout, rank, load, device, dtype, cuda_graphs=config.cuda_graphs)
     weight_bytes = sum(p.numel() * p.element_size() for p in r.runner.model.parameters())
     where = f"rank {rank} (stage {layout.stage_of(rank)}, TP rank {layout.tp_rank_of(rank)}) " \
             f"of TP={layout.tp_size} x PP={layout.pp_size}"
@@ -125,11 +125,11 @@ def run_replica_worker(args: argparse.Namespace, load, device: torch.device, dty
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
     # Weights of the whole replica: ranks of one stage hold equal shards, stages about equal.
     server.add_generic_rpc_handlers((_handlers(ReplicaWorkerService(
-        driver, weight_bytes * layout.world_size, int(args.cpu_cache_gib * (1 << 30)))),))
-    if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
-        raise OSError(f"cannot listen on {args.host}:{args.port}: is the port in use?")
+        driver, weight_bytes * layout.world_size, config.cpu_cache_bytes)),))
+    if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}: is the port in use?")
     server.start()
-    print(f"worker {where}: listening on {args.host}:{args.port}", flush=True)
+    print(f"worker {where}: listening on {config.host}:{config.port}", flush=True)
 
     def on_term(*_):
         driver.stop()

@@ -1,0 +1,84 @@
+"""Process supervision for the commands that run several processes: `serve` (a scheduler here,
+its worker as a child) and `demo` (a whole `serve` in the background, one question, stop)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sarathi.client import generate, wait_serving
+from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.net import free_port
+from sarathi_common.options import to_flags
+from scheduler_service.config import SchedulerConfig
+from worker_service.config import HYBRID_GRAPH_TOKENS, WorkerConfig
+
+
+def serve_worker_config(worker: WorkerConfig, scheduler: SchedulerConfig, port: int) -> WorkerConfig:
+    """The worker `serve` starts: on loopback, with hybrid-iteration graphs no larger than the
+    scheduler's budget ever forms (unless the user chose a size)."""
+    graph_tokens = worker.hybrid_graph_tokens
+    if graph_tokens is None:
+        graph_tokens = min(scheduler.chunk_size, HYBRID_GRAPH_TOKENS)
+    return dataclasses.replace(worker, host="127.0.0.1", port=port, hybrid_graph_tokens=graph_tokens)
+
+
+def worker_command(worker: WorkerConfig) -> list[str]:
+    """The worker process `serve` starts; a replica's rank 0 starts its other ranks itself."""
+    return [sys.executable, "-m", "worker_service", *to_flags(worker, (*WorkerConfig.SHARED, "host", "port"))]
+
+
+def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig) -> None:
+    """A scheduler (this process + its engine process) and one worker subprocess."""
+    from scheduler_service.main import run_scheduler
+
+    # One worker process; a replica's rank 0 starts its other ranks (they die with it).
+    proc = subprocess.Popen(worker_command(worker), preexec_fn=dies_with_this_process())
+
+    def stop_worker() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    def on_term(*_):
+        stop_worker()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        run_scheduler(dataclasses.replace(scheduler, worker=f"{worker.host}:{worker.port}"))
+    finally:
+        stop_worker()
+
+
+def run_demo(prompt: str, max_tokens: int, model: str | None) -> None:
+    """Starts `serve` in the background, asks one chat question, prints timings, stops."""
+    port = free_port()
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port)]
+    if model:
+        cmd += ["--model", model]
+    server = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        address = f"127.0.0.1:{port}"
+        print(f"starting a scheduler and a worker (gRPC on {address}) ...", file=sys.stderr, flush=True)
+        wait_serving(address, timeout=900, proc=server)
+        ready = time.monotonic() - start
+        print(f"> {prompt}", flush=True)
+        first, _ = generate(address, prompt, True, max_tokens, 0.0, None, [])
+        if first is not None:
+            print(f"[serving after {ready:.1f} s; first token {first * 1000:.0f} ms after the request; "
+                  f"{ready + first:.1f} s from start]", file=sys.stderr)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

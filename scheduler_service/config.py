@@ -1,0 +1,67 @@
+"""The scheduler service's settings, one typed value built once from the command line and
+passed down; the scheduling rules that tie settings together (a batch never holds more
+sequences than the budget has tokens) live here, not in the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sarathi_common.options import option
+from scheduler_service.block_manager import CacheConfig
+from scheduler_service.policies import POLICIES, PolicyConfig
+
+_GROUP = "scheduler"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(50051, "gRPC port of the API")
+    worker: str | None = option(None, "the worker's host:port")
+    model: str | None = option(None, "the model the worker serves (for the tokenizer)")
+    policy: str = option(
+        "sarathi", "scheduling policy (default: sarathi; see docs/policies.md): sarathi = chunked "
+                   "prefills beside decodes, never stalling them; sarathi_dynamic = sarathi with the "
+                   "chunk shrunk to --target-iteration-ms; vllm = prefill-first, whole prompts, decodes "
+                   "stall; orca = whole prompts mixed with decodes; faster_transformer = request-level "
+                   "batches; simple_chunking = chunked prefills and decodes in alternate iterations",
+        choices=list(POLICIES), group=_GROUP)
+    chunk_size: int = option(
+        512, "token budget per iteration: prompts are prefilled in chunks of at most this (for vllm, "
+             "orca, faster_transformer: the most tokens of whole prompts per iteration; a longer prompt "
+             "runs as the iteration's only one)", group=_GROUP)
+    target_iteration_ms: float = option(
+        50.0, "sarathi_dynamic: shrink the prefill chunk so that an iteration's predicted time stays "
+              "within this (default: 50)", group=_GROUP)
+    min_chunk_size: int = option(32, "sarathi_dynamic: the smallest prefill chunk (default: 32)",
+                                 group=_GROUP)
+    watermark: float = option(0.01, "share of KV blocks that admitting new requests leaves free for "
+                                    "running ones (default: 0.01)", group=_GROUP)
+    num_host_kv_blocks: int = option(0, "host-memory KV blocks for preemption by swapping (default 0: "
+                                        "recompute)", group=_GROUP)
+    prefix_caching: bool = option(False, "reuse the KV of full blocks shared with earlier prompts "
+                                         "(default: off)", group=_GROUP)
+    max_batch_size: int = option(128, "most sequences per iteration", group=_GROUP)
+    block_size: int = option(16, "tokens per KV-cache block", group=_GROUP)
+    num_kv_blocks: int | None = option(None, "cap the KV cache at this many blocks (default: what the "
+                                             "worker reports)", group=_GROUP)
+    memory_fraction: float = option(0.9, "share of the worker's free memory the KV cache may take",
+                                    group=_GROUP)
+    tokenizer: str | None = option(None, "tokenizer folder (default: the model's)", group=_GROUP)
+    max_queue: int = option(4096, "requests in flight before RESOURCE_EXHAUSTED", group=_GROUP)
+    overlap: bool = option(True, "wait for each step's result before scheduling the next (default: "
+                                 "overlap)", flag="--no-overlap", group=_GROUP)
+    metrics_port: int | None = option(None, "serve Prometheus metrics at http://HOST:PORT/metrics "
+                                            "(default: off)", group=_GROUP)
+
+    def policy_config(self) -> PolicyConfig:
+        # A sequence takes at least one token of the budget, so more than chunk_size of them
+        # can never run together.
+        return PolicyConfig(token_budget=self.chunk_size,
+                            max_batch_size=min(self.max_batch_size, self.chunk_size),
+                            target_iteration_ms=self.target_iteration_ms,
+                            min_chunk_size=self.min_chunk_size)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(watermark=self.watermark, prefix_caching=self.prefix_caching,
+                           num_host_blocks=self.num_host_kv_blocks)

@@ -1,0 +1,47 @@
+"""The worker process: load the model (or this rank's part of it), build the runner, serve."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+from sarathi_common.model_spec import resolve
+from worker_service.attention import make_backend
+from worker_service.config import WorkerConfig
+from worker_service.models.loader import load_model
+from worker_service.runner import ModelRunner
+from worker_service.server import serve_worker
+
+
+def run_worker(config: WorkerConfig) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, config.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    source = resolve(config.model)
+    if config.world_size > 1:
+        from worker_service.parallel.local import start_local_ranks
+        from worker_service.parallel.service import run_replica_worker
+
+        if config.rank == 0 and config.replica_addresses is None and config.dist_init is None:
+            config = start_local_ranks(config)  # the whole replica on this host
+
+        def load(rank_device, part):  # each rank reads only its part, on its own GPU
+            return load_model(source, make_backend(config.attention, rank_device), rank_device, dtype,
+                              seed=config.weights_seed, part=part)
+
+        return run_replica_worker(config, load, device, dtype)
+    start = time.monotonic()
+    backend = make_backend(config.attention, device)
+    model = load_model(source, backend, device, dtype, seed=config.weights_seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    graphs = device.type == "cuda" and config.cuda_graphs
+    runner = ModelRunner(model, device, dtype, cuda_graphs=graphs,
+                         hybrid_graph_tokens=config.graph_tokens(graphs))
+    server = serve_worker(runner, config.host, config.port, weight_bytes, config.cpu_cache_bytes)
+    print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
+          f"loaded in {time.monotonic() - start:.1f} s; listening on {config.host}:{config.port}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    server.wait_for_termination()
