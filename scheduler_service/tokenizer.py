@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from sarathi_common.model_spec import ModelKind, ModelSource, cache_root, converted_dir
@@ -25,6 +26,12 @@ def load_tokenizer(source: ModelSource, override: str | None = None):
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
     path = Path(source.location)
+    if importlib.util.find_spec("torch") is None:
+        # transformers reads GGUF files with torch; a scheduler installed without it (no `worker`
+        # extra) takes the tokenizer from a folder instead.
+        raise SystemExit(f"reading the tokenizer out of {path.name} needs torch, which this scheduler "
+                         "was installed without: pass --tokenizer FOLDER (a tokenizer saved by "
+                         f"save_pretrained), or let a worker's install fill {cached} first")
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     cached.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(cached))
