@@ -4,7 +4,8 @@ The scheduler's block manager is the single source of truth for which block hold
 tokens; the worker only receives copies (as deltas) in the plans.
 
 `BlockManager` gives every block one owner. `PrefixCachingBlockManager` (prefix_caching.py)
-shares full blocks between sequences with equal prefixes; both keep this contract:
+shares full blocks between sequences with equal prefixes (`make_block_manager` in kv_cache.py
+picks one); both keep this contract:
 
 - a block is either free, or referenced by ref_count(b) >= 1 block tables (counted with
   multiplicity), or (prefix caching only) evictable: unreferenced but still holding cached KV;
@@ -192,11 +193,3 @@ class BlockManager:
     def _unreferenced(self, block: int) -> None:
         self._free.append(block)
 
-
-def make_block_manager(num_blocks: int, block_size: int, config: CacheConfig) -> BlockManager:
-    if config.prefix_caching:
-        from scheduler_service.prefix_caching import PrefixCachingBlockManager
-
-        return PrefixCachingBlockManager(num_blocks, block_size, config.watermark,
-                                         config.num_host_blocks)
-    return BlockManager(num_blocks, block_size, config.watermark, config.num_host_blocks)

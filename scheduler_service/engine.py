@@ -17,8 +17,9 @@ import zmq
 
 from protos.batch_plan import BatchPlan
 from sarathi_common.lifecycle import exit_with_parent
-from scheduler_service.block_manager import CacheConfig, make_block_manager
+from scheduler_service.block_manager import CacheConfig
 from scheduler_service.config import SchedulerConfig
+from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.metrics import EngineStats
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request

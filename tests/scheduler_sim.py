@@ -4,7 +4,8 @@ gets a token, as a worker would. Policies decide only from counts, so this exerc
 from __future__ import annotations
 
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput
-from scheduler_service.block_manager import CacheConfig, make_block_manager
+from scheduler_service.block_manager import CacheConfig
+from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
 from scheduler_service.scheduler import RequestUpdate, Scheduler

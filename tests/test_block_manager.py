@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from scheduler_sim import make_request, make_scheduler, step
 
-from scheduler_service.block_manager import BlockManager, CacheConfig, make_block_manager
+from scheduler_service.block_manager import BlockManager, CacheConfig
+from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.policies.base import ScheduleOutput
 from scheduler_service.prefix_caching import PrefixCachingBlockManager
 

@@ -13,7 +13,8 @@ import statistics
 import time
 
 from protos.batch_plan import SamplingOptions, StepOutput
-from scheduler_service.block_manager import CacheConfig, make_block_manager
+from scheduler_service.block_manager import CacheConfig
+from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.policies import POLICIES, PolicyConfig, make_policy
 from scheduler_service.request import Request
 from scheduler_service.scheduler import Scheduler
