@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
+from benchmarks.policy_overhead import time_policy
 from scheduler_service.policies import POLICIES
-from scheduler_service.policies.bench import time_policy
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
