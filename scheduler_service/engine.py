@@ -20,10 +20,21 @@ from sarathi_common.lifecycle import exit_with_parent
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.kv_cache import make_block_manager
-from scheduler_service.metrics import EngineStats
+from scheduler_service.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineFailed,
+    EngineReady,
+    EngineStats,
+    GetTrace,
+    RequestRejected,
+    StepUpdates,
+    Trace,
+)
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
-from scheduler_service.scheduler import CapacityError, RequestUpdate, Scheduler
+from scheduler_service.scheduler import CapacityError, Scheduler
+from scheduler_service.trace import IterationRecord
 from scheduler_service.worker_link import WorkerLink, WorkerUnavailable
 
 log = logging.getLogger("sarathi.engine")
@@ -55,88 +66,10 @@ class EngineConfig:
                    memory_fraction=settings.memory_fraction, overlap=settings.overlap)
 
 
-# --- messages between frontend and engine ------------------------------------------------
-@dataclass
-class AddRequest:
-    request: Request
-
-
-@dataclass
-class AbortRequest:
-    seq_id: int
-
-
-@dataclass
-class GetTrace:
-    pass
-
-
-@dataclass
-class EngineReady:
-    model: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: list[int]
-    block_size: int
-    num_kv_blocks: int
-    dtype: str
-    device: str
-
-
-@dataclass
-class StepUpdates:
-    updates: list[RequestUpdate]
-    stats: EngineStats
-
-
-@dataclass
-class RequestRejected:
-    seq_id: int
-    message: str
-
-
-@dataclass
-class EngineFailed:
-    message: str
-
-
-@dataclass
-class IterationRecord:
-    """One iteration as the scheduler saw it (for tests, metrics and trace dumps)."""
-
-    step_id: int
-    start: float                  # monotonic seconds, when scheduling began
-    schedule_s: float             # the policy and plan building
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    decode_seq_ids: list[int]
-    prefill_seq_ids: list[int]
-    num_preempted: int
-    kv_blocks_used: int
-    num_waiting: int
-    duration_s: float = 0.0       # scheduling began -> result applied
-    round_trip_s: float = 0.0     # plan sent -> result received (includes queueing behind N-1)
-    worker_prepare_ns: int = 0
-    worker_forward_ns: int = 0
-    worker_sample_ns: int = 0
-    worker_idle_ns: int = 0       # the device sat idle before this step: the gap to remove
-    worker_device_ns: int = 0     # the step's own device time
-    worker_queued_ns: int = 0     # the plan waited in the worker (overlap: behind the step before)
-
-    @property
-    def seq_ids(self) -> list[int]:
-        return self.decode_seq_ids + self.prefill_seq_ids
-
-
 @dataclass
 class _InFlight:
     record: IterationRecord
     sent: float
-
-
-@dataclass
-class Trace:
-    records: list[IterationRecord]
 
 
 class Engine:
@@ -216,18 +149,13 @@ class Engine:
         updates = sched.update(result)
         record = flight.record
         now = time.monotonic()
-        record.duration_s = now - record.start
+        record.duration_s = now - record.start_s
         record.round_trip_s = now - flight.sent
-        t = result.timings
-        record.worker_prepare_ns, record.worker_forward_ns = t.prepare_ns, t.forward_ns
-        record.worker_sample_ns, record.worker_idle_ns = t.sample_ns, t.idle_ns
-        record.worker_device_ns, record.worker_queued_ns = t.device_ns, t.queued_ns
+        record.worker = result.timings
         self.out.send_pyobj(StepUpdates(updates, EngineStats(
-            num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
+            iteration=record, num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
             kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,
-            preemptions_total=self.preemptions_total, iteration_s=record.duration_s,
-            num_prefill_tokens=record.num_prefill_tokens, num_decode_tokens=record.num_decode_tokens,
-            device_busy_s=t.device_ns / 1e9, device_idle_s=t.idle_ns / 1e9, **self._prefix_stats())))
+            preemptions_total=self.preemptions_total, **self._prefix_stats())))
 
     def _prefix_stats(self) -> dict[str, int]:
         stats = getattr(self.scheduler.blocks, "prefix_stats", None) if self.scheduler else None
@@ -249,7 +177,7 @@ class Engine:
                 prefill_ids.append(req.seq_id)
                 prefill_tokens += chunk.num_tokens
         record = IterationRecord(
-            step_id=plan.step_id, start=start, schedule_s=schedule_s,
+            step_id=plan.step_id, start_s=start, schedule_s=schedule_s,
             num_prefill_tokens=prefill_tokens, num_decode_tokens=decode_tokens,
             decode_seq_ids=decode_ids, prefill_seq_ids=prefill_ids,
             num_preempted=len(sched.last_schedule.preempted),
@@ -268,9 +196,12 @@ class Engine:
         assert sched is not None
         if isinstance(msg, AddRequest):
             try:
-                sched.add(msg.request)
+                sched.add(Request(
+                    seq_id=msg.seq_id, prompt_token_ids=msg.prompt_token_ids, sampling=msg.sampling,
+                    max_tokens=msg.max_tokens, stop_token_ids=msg.stop_token_ids, priority=msg.priority,
+                    arrival_time=msg.arrival_time))
             except CapacityError as e:
-                self.out.send_pyobj(RequestRejected(msg.request.seq_id, str(e)))
+                self.out.send_pyobj(RequestRejected(msg.seq_id, str(e)))
         elif isinstance(msg, AbortRequest):
             sched.abort(msg.seq_id)
         elif isinstance(msg, GetTrace):

@@ -7,30 +7,12 @@ can run several servers in one process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from scheduler_service.messages import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the engine after one iteration."""
-
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    preemptions_total: int
-    iteration_s: float
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    prefix_cache_query_tokens: int = 0   # prompt tokens looked up in the prefix cache
-    prefix_cache_hit_tokens: int = 0     # of which found (not recomputed)
-    device_busy_s: float = 0.0           # the step's own time on the worker's device
-    device_idle_s: float = 0.0           # the device's idle gap before the step
 
 
 class ServerMetrics:
@@ -69,13 +51,14 @@ class ServerMetrics:
         self.kv_total.set(s.kv_blocks_total)
         self.kv_usage.set(s.kv_blocks_used / max(1, s.kv_blocks_total))
         self.preemptions.set(s.preemptions_total)
-        if s.num_prefill_tokens or s.num_decode_tokens:
-            self.iteration.observe(s.iteration_s)
-        self.prefill_tokens.inc(s.num_prefill_tokens)
+        it = s.iteration
+        if it.num_prefill_tokens or it.num_decode_tokens:
+            self.iteration.observe(it.duration_s)
+        self.prefill_tokens.inc(it.num_prefill_tokens)
         self.prefix_query.set(s.prefix_cache_query_tokens)
         self.prefix_hit.set(s.prefix_cache_hit_tokens)
-        self.device_busy.inc(s.device_busy_s)
-        self.device_idle.inc(s.device_idle_s)
+        self.device_busy.inc(it.worker.device_ns / 1e9)
+        self.device_idle.inc(it.worker.idle_ns / 1e9)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -9,27 +9,17 @@ appends tokens, runs stop checks, frees finished requests. No I/O here: the engi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from protos.batch_plan import BatchPlan, NewSequence, StepOutput
 from scheduler_service.block_manager import BlockManager
+from scheduler_service.messages import RequestUpdate
 from scheduler_service.policies import Policy, ScheduleOutput, SchedulerState
 from scheduler_service.request import FinishReason, Request, RequestStatus
 
 
 class CapacityError(ValueError):
     """The request could never fit the KV cache, even alone."""
-
-
-@dataclass
-class RequestUpdate:
-    """What one step did for one request, for the frontend."""
-
-    seq_id: int
-    new_token_ids: list[int]
-    finish_reason: FinishReason | None
-    # Arrival to first scheduling, sent with the request's first token only.
-    scheduling_delay_s: float | None = None
 
 
 class Scheduler:

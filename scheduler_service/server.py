@@ -26,21 +26,21 @@ from protos import generation_pb2, generation_pb2_grpc
 from protos.batch_plan import SamplingOptions
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
-from scheduler_service.engine import (
+from scheduler_service.engine import EngineConfig, run_engine
+from scheduler_service.messages import (
     AbortRequest,
     AddRequest,
-    EngineConfig,
     EngineFailed,
     EngineReady,
     GetTrace,
     RequestRejected,
+    RequestUpdate,
     StepUpdates,
     Trace,
-    run_engine,
 )
 from scheduler_service.metrics import ServerMetrics
-from scheduler_service.request import FinishReason, Request
-from scheduler_service.scheduler import RequestUpdate
+from scheduler_service.request import FinishReason
+from scheduler_service.trace import to_proto
 
 log = logging.getLogger("sarathi.frontend")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -171,9 +171,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         metrics = self.engine.metrics
         arrival = last = time.monotonic()
         try:
-            await self.engine.send(AddRequest(Request(
-                seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options,
-                max_tokens=max_tokens, stop_token_ids=stop_ids, priority=request.priority)))
+            await self.engine.send(AddRequest(
+                seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options, max_tokens=max_tokens,
+                stop_token_ids=stop_ids, priority=request.priority, arrival_time=arrival))
             while True:
                 msg = await stream.queue.get()
                 if isinstance(msg, RequestRejected):
@@ -297,16 +297,7 @@ class OperatorService(generation_pb2_grpc.OperatorServicer):
         records = (await self.engine.trace()).records
         if request.limit:
             records = records[-request.limit:]
-        return generation_pb2.GetTraceResponse(iterations=[generation_pb2.IterationTrace(
-            step_id=r.step_id, start_s=r.start, schedule_s=r.schedule_s, duration_s=r.duration_s,
-            round_trip_s=r.round_trip_s, num_prefill_tokens=r.num_prefill_tokens,
-            num_decode_tokens=r.num_decode_tokens, num_preempted=r.num_preempted,
-            kv_blocks_used=r.kv_blocks_used, num_waiting=r.num_waiting,
-            worker_prepare_ns=r.worker_prepare_ns, worker_forward_ns=r.worker_forward_ns,
-            worker_sample_ns=r.worker_sample_ns, worker_idle_ns=r.worker_idle_ns,
-            worker_device_ns=r.worker_device_ns, worker_queued_ns=r.worker_queued_ns,
-            decode_seq_ids=r.decode_seq_ids, prefill_seq_ids=r.prefill_seq_ids) for r in records])
-
+        return generation_pb2.GetTraceResponse(iterations=[to_proto(r) for r in records])
 
 async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) -> None:
     """Runs the gRPC API until cancelled; the engine process lives as long as this coroutine."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.kv_cache import make_block_manager
+from scheduler_service.messages import RequestUpdate
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
-from scheduler_service.scheduler import RequestUpdate, Scheduler
+from scheduler_service.scheduler import Scheduler
 
 
 def make_scheduler(policy: str = "sarathi", num_blocks: int = 1000, block_size: int = 16,
