@@ -1,8 +1,8 @@
 """The engine process: schedule, send the plan, take the result, update, emit.
 
 It runs apart from the client-facing frontend so that streaming to many clients never delays
-the GPU. The frontend talks to it over two ZeroMQ sockets (commands in, updates out) with
-pickled dataclasses: this link is internal to the scheduler service.
+the GPU. The frontend talks to it over two ZeroMQ sockets (commands in, updates out) with the
+messages of messages.py: this link is internal to the scheduler service.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.messages import (
     AbortRequest,
     AddRequest,
+    Command,
     EngineFailed,
     EngineReady,
     EngineStats,
+    Event,
     GetTrace,
     RequestRejected,
     StepUpdates,
     Trace,
+    decode_command,
+    encode,
 )
 from scheduler_service.policies import PolicyConfig, make_policy
 from scheduler_service.request import Request
@@ -86,6 +90,9 @@ class Engine:
         self.preemptions_total = 0
         self.pipeline_depth = 1
 
+    def emit(self, msg: Event) -> None:
+        self.out.send(encode(msg))
+
     def start(self) -> None:
         cfg = self.config
         self.link.wait_ready(cfg.worker_timeout_s)
@@ -100,7 +107,7 @@ class Engine:
         self.pipeline_depth = max(1, info.pipeline_parallel_size)
         policy = make_policy(cfg.policy, cfg.policy_config)
         self.scheduler = Scheduler(policy, make_block_manager(num_blocks, cfg.block_size, cfg.cache))
-        self.out.send_pyobj(EngineReady(
+        self.emit(EngineReady(
             model=info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
             eos_token_ids=list(info.eos_token_ids), block_size=cfg.block_size,
             num_kv_blocks=num_blocks, dtype=info.dtype, device=info.device))
@@ -152,7 +159,7 @@ class Engine:
         record.duration_s = now - record.start_s
         record.round_trip_s = now - flight.sent
         record.worker = result.timings
-        self.out.send_pyobj(StepUpdates(updates, EngineStats(
+        self.emit(StepUpdates(updates, EngineStats(
             iteration=record, num_running=len(sched.state.running), num_waiting=len(sched.state.waiting),
             kv_blocks_used=sched.blocks.num_used_blocks, kv_blocks_total=sched.blocks.num_blocks,
             preemptions_total=self.preemptions_total, **self._prefix_stats())))
@@ -188,10 +195,10 @@ class Engine:
     def _drain_commands(self, block: bool) -> None:
         timeout = -1 if block else 0
         while self.commands.poll(timeout):
-            self._handle(self.commands.recv_pyobj())
+            self._handle(decode_command(self.commands.recv()))
             timeout = 0
 
-    def _handle(self, msg: object) -> None:
+    def _handle(self, msg: Command) -> None:
         sched = self.scheduler
         assert sched is not None
         if isinstance(msg, AddRequest):
@@ -201,11 +208,11 @@ class Engine:
                     max_tokens=msg.max_tokens, stop_token_ids=msg.stop_token_ids, priority=msg.priority,
                     arrival_time=msg.arrival_time))
             except CapacityError as e:
-                self.out.send_pyobj(RequestRejected(msg.seq_id, str(e)))
+                self.emit(RequestRejected(msg.seq_id, str(e)))
         elif isinstance(msg, AbortRequest):
             sched.abort(msg.seq_id)
         elif isinstance(msg, GetTrace):
-            self.out.send_pyobj(Trace(list(self.trace)))
+            self.emit(Trace(list(self.trace)))
 
 
 def run_engine(config: EngineConfig, parent_pid: int) -> None:
@@ -217,10 +224,10 @@ def run_engine(config: EngineConfig, parent_pid: int) -> None:
         engine.start()
         engine.run()
     except WorkerUnavailable as e:
-        engine.out.send_pyobj(EngineFailed(str(e)))
+        engine.emit(EngineFailed(str(e)))
     except Exception as e:  # noqa: BLE001 - anything else is a bug: tell the frontend, then die
         traceback.print_exc()
-        engine.out.send_pyobj(EngineFailed(f"engine error: {e!r}"))
+        engine.emit(EngineFailed(f"engine error: {e!r}"))
     finally:
         time.sleep(0.2)  # let the last message leave
         engine.link.close()

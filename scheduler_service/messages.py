@@ -91,3 +91,23 @@ class Trace(msgspec.Struct, tag=True, array_like=True):
 
 Command = AddRequest | AbortRequest | GetTrace
 Event = EngineReady | StepUpdates | RequestRejected | EngineFailed | Trace
+
+
+# msgpack through typed decoders rather than pickle: several times faster for a step's updates
+# (benchmarks/engine_link_codec.py) and nothing but these types can arrive. Both ends are the same
+# build (the engine is the frontend's child process), so structs travel as arrays, without names.
+_encoder = msgspec.msgpack.Encoder()
+_commands = msgspec.msgpack.Decoder(Command)
+_events = msgspec.msgpack.Decoder(Event)
+
+
+def encode(msg: Command | Event) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_command(data: bytes) -> Command:
+    return _commands.decode(data)
+
+
+def decode_event(data: bytes) -> Event:
+    return _events.decode(data)

@@ -30,6 +30,7 @@ from scheduler_service.engine import EngineConfig, run_engine
 from scheduler_service.messages import (
     AbortRequest,
     AddRequest,
+    Command,
     EngineFailed,
     EngineReady,
     GetTrace,
@@ -37,6 +38,8 @@ from scheduler_service.messages import (
     RequestUpdate,
     StepUpdates,
     Trace,
+    decode_event,
+    encode,
 )
 from scheduler_service.metrics import ServerMetrics
 from scheduler_service.request import FinishReason
@@ -88,8 +91,8 @@ class EngineClient:
     def start(self) -> None:
         self.process.start()
 
-    async def send(self, msg: object) -> None:
-        await self.commands.send_pyobj(msg)
+    async def send(self, msg: Command) -> None:
+        await self.commands.send(encode(msg))
 
     async def trace(self) -> Trace:
         fut = asyncio.get_running_loop().create_future()
@@ -99,7 +102,7 @@ class EngineClient:
 
     async def read_updates(self, on_ready, on_failure) -> None:
         while True:
-            msg = await self.updates.recv_pyobj()
+            msg = decode_event(await self.updates.recv())
             if isinstance(msg, StepUpdates):
                 self.metrics.observe_engine(msg.stats)
                 for upd in msg.updates:
