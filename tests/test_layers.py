@@ -16,8 +16,9 @@ PACKAGES = ("sarathi", "sarathi_common", "scheduler_service", "worker_service", 
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"}
     return subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=cwd,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
+                          capture_output=True, text=True, env=env)
 
 
 @pytest.fixture
