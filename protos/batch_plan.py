@@ -139,11 +139,12 @@ class StepOutput:
     seq_ids: list[int]
     token_ids: list[int]
     timings: StepTimings = field(default_factory=StepTimings)
+    draining: bool = False        # the worker is shutting down (see worker.proto)
 
     def to_proto(self) -> worker_pb2.StepResult:
         t = self.timings
         return worker_pb2.StepResult(
-            step_id=self.step_id, seq_ids=self.seq_ids, token_ids=self.token_ids,
+            step_id=self.step_id, seq_ids=self.seq_ids, token_ids=self.token_ids, draining=self.draining,
             timings=worker_pb2.StepTimings(queued_ns=t.queued_ns, prepare_ns=t.prepare_ns,
                                            forward_ns=t.forward_ns, sample_ns=t.sample_ns,
                                            idle_ns=t.idle_ns, device_ns=t.device_ns))
@@ -153,4 +154,4 @@ class StepOutput:
         t = msg.timings
         return cls(step_id=msg.step_id, seq_ids=list(msg.seq_ids), token_ids=list(msg.token_ids),
                    timings=StepTimings(t.queued_ns, t.prepare_ns, t.forward_ns, t.sample_ns, t.idle_ns,
-                                       t.device_ns))
+                                       t.device_ns), draining=msg.draining)

@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "scheduler" and args.worker is None:
-        parser.error("the scheduler needs --worker HOST:PORT (the worker's address)")
     if args.command == "worker":
         from worker_service.main import run_worker
 
@@ -77,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="a worker service (model shard + KV cache)")
     add_options(p, WorkerConfig)
 
-    p = sub.add_parser("scheduler", help="the scheduler service, driving a running worker")
+    p = sub.add_parser("scheduler", help="the scheduler service, driving its workers (named or joined)")
     add_options(p, SchedulerConfig)
 
     for name, helptext in (("generate", "stream one answer from a running server"),

@@ -47,11 +47,7 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    def on_term(*_):
-        stop_worker()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGTERM and SIGINT reach the scheduler's own handlers: it drains, then the worker stops.
     try:
         run_scheduler(dataclasses.replace(scheduler, worker=f"{worker.host}:{worker.port}"))
     finally:

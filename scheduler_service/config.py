@@ -11,13 +11,17 @@ from scheduler_service.block_manager import CacheConfig
 from scheduler_service.policies import POLICIES, PolicyConfig
 
 _GROUP = "scheduler"
+_FAULTS = "replicas and faults"
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(50051, "gRPC port of the API")
-    worker: str | None = option(None, "the worker's host:port")
+    worker: str | None = option(
+        None, "the worker's host:port; several, comma-separated, are replicas of one model (each "
+              "dialled again whenever it is lost); with none, workers join (`sarathi worker "
+              "--scheduler HOST:PORT`) and health is NOT_SERVING until one has")
     model: str | None = option(None, "the model the worker serves (for the tokenizer)")
     policy: str = option(
         "sarathi", "scheduling policy (default: sarathi; see docs/policies.md): sarathi = chunked "
@@ -53,6 +57,22 @@ class SchedulerConfig:
                                  "overlap)", flag="--no-overlap", group=_GROUP)
     metrics_port: int | None = option(None, "serve Prometheus metrics at http://HOST:PORT/metrics "
                                             "(default: off)", group=_GROUP)
+    step_timeout_seconds: float = option(
+        120.0, "a replica that returns no result for this long is lost (hung or stopped): its "
+               "requests move to another replica (default: 120)", group=_FAULTS)
+    replica_wait_seconds: float = option(
+        30.0, "a request with no replica to run on (none joined yet, or all lost) waits this long "
+              "for one, then fails with UNAVAILABLE (default: 30)", group=_FAULTS)
+    on_replica_loss: str = option(
+        "replay", "replay: a lost replica's requests continue on another replica from the tokens "
+                  "already streamed (greedy output as if nothing happened); fail: they end with "
+                  "UNAVAILABLE", choices=["replay", "fail"], group=_FAULTS)
+    drain_seconds: float = option(
+        30.0, "on SIGTERM: stop taking requests (health NOT_SERVING, new calls UNAVAILABLE), let "
+              "those in flight finish for up to this long, then exit 0 (default: 30)", group=_FAULTS)
+
+    def worker_addresses(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in (self.worker or "").split(",") if a.strip())
 
     def policy_config(self) -> PolicyConfig:
         # A sequence takes at least one token of the budget, so more than chunk_size of them

@@ -25,6 +25,9 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     stop_token_ids: frozenset[int]        # the client's stop ids, plus EOS unless ignore_eos
     priority: int                         # higher runs first (policies that support it)
     arrival_time: float                   # monotonic seconds (one clock for both processes)
+    # Tokens the client already has (a stream resumed after the engine restarted): the engine
+    # recomputes prompt + these and continues after them.
+    output_token_ids: list[int] = []
 
 
 class AbortRequest(msgspec.Struct, tag=True, array_like=True):
@@ -33,6 +36,12 @@ class AbortRequest(msgspec.Struct, tag=True, array_like=True):
 
 class GetTrace(msgspec.Struct, tag=True, array_like=True):
     pass
+
+
+class AddWorker(msgspec.Struct, tag=True, array_like=True):
+    """A worker announced itself (Membership.Join): dial it and drive it as a replica."""
+
+    address: str
 
 
 # --- engine -> frontend --------------------------------------------------------------------
@@ -69,6 +78,11 @@ class EngineStats(msgspec.Struct, array_like=True):
     preemptions_total: int
     prefix_cache_query_tokens: int = 0   # prompt tokens looked up in the prefix cache
     prefix_cache_hit_tokens: int = 0     # of which found (not recomputed)
+    # The iteration's own replica (iteration.replica); the fields above add up every replica.
+    replica_running: int = 0
+    replica_waiting: int = 0
+    replica_kv_blocks_used: int = 0
+    replica_kv_blocks_total: int = 0
 
 
 class StepUpdates(msgspec.Struct, tag=True, array_like=True):
@@ -85,12 +99,32 @@ class EngineFailed(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
+class RequestFailed(msgspec.Struct, tag=True, array_like=True):
+    """The request cannot go on: no replica came back in time, or its replica was lost and the
+    scheduler fails fast rather than replaying (UNAVAILABLE: a client may retry)."""
+
+    seq_id: int
+    message: str
+
+
+class ReplicasChanged(msgspec.Struct, tag=True, array_like=True):
+    """A replica joined, was lost, or finished draining."""
+
+    change: str                           # "joined", "lost", "drained"
+    replica: int
+    address: str
+    num_serving: int                      # replicas that take new requests now
+    num_kv_blocks: int                    # their KV blocks in all
+    num_replayed: int = 0                 # requests moved elsewhere (lost or draining replica)
+    reason: str = ""
+
+
 class Trace(msgspec.Struct, tag=True, array_like=True):
     records: list[IterationRecord]
 
 
-Command = AddRequest | AbortRequest | GetTrace
-Event = EngineReady | StepUpdates | RequestRejected | EngineFailed | Trace
+Command = AddRequest | AbortRequest | GetTrace | AddWorker
+Event = EngineReady | StepUpdates | RequestRejected | EngineFailed | Trace | RequestFailed | ReplicasChanged
 
 
 # msgpack through typed decoders rather than pickle: several times faster for a step's updates

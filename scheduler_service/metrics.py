@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from scheduler_service.messages import EngineStats
+from scheduler_service.messages import EngineStats, ReplicasChanged
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -43,6 +43,30 @@ class ServerMetrics:
                                    registry=r)
         self.device_idle = Counter("sarathi_device_idle_seconds",
                                    "Worker device time idle between steps", registry=r)
+        # Per replica (the scheduler numbers replicas from 1, in the order they joined).
+        by = ["replica"]
+        self.replica_running = Gauge("sarathi_replica_requests_running", "Requests holding KV blocks",
+                                     by, registry=r)
+        self.replica_waiting = Gauge("sarathi_replica_requests_waiting", "Requests queued or preempted",
+                                     by, registry=r)
+        self.replica_kv_used = Gauge("sarathi_replica_kv_blocks_used", "KV-cache blocks in use", by,
+                                     registry=r)
+        self.replica_kv_total = Gauge("sarathi_replica_kv_blocks_total", "KV-cache blocks in all", by,
+                                      registry=r)
+        self.replica_busy = Counter("sarathi_replica_device_busy_seconds", "Worker device time in steps",
+                                    by, registry=r)
+        self.replica_idle = Counter("sarathi_replica_device_idle_seconds",
+                                    "Worker device time idle between steps", by, registry=r)
+        self.replica_steps = Counter("sarathi_replica_iterations", "Iterations run", by, registry=r)
+        # Membership and recovery.
+        self.replicas_serving = Gauge("sarathi_replicas_serving", "Replicas taking new requests",
+                                      registry=r)
+        self.replica_events = Counter("sarathi_replica_events", "Replicas joined, lost or drained",
+                                      ["change"], registry=r)
+        self.replayed = Counter("sarathi_requests_replayed", "Requests moved from a lost or draining "
+                                "replica to continue elsewhere", registry=r)
+        self.engine_restarts = Counter("sarathi_engine_restarts", "Engine processes restarted after "
+                                       "dying", registry=r)
 
     def observe_engine(self, s: EngineStats) -> None:
         self.running.set(s.num_running)
@@ -59,6 +83,24 @@ class ServerMetrics:
         self.prefix_hit.set(s.prefix_cache_hit_tokens)
         self.device_busy.inc(it.worker.device_ns / 1e9)
         self.device_idle.inc(it.worker.idle_ns / 1e9)
+        replica = str(it.replica)
+        self.replica_running.labels(replica).set(s.replica_running)
+        self.replica_waiting.labels(replica).set(s.replica_waiting)
+        self.replica_kv_used.labels(replica).set(s.replica_kv_blocks_used)
+        self.replica_kv_total.labels(replica).set(s.replica_kv_blocks_total)
+        self.replica_busy.labels(replica).inc(it.worker.device_ns / 1e9)
+        self.replica_idle.labels(replica).inc(it.worker.idle_ns / 1e9)
+        self.replica_steps.labels(replica).inc()
+
+    def observe_replicas(self, e: ReplicasChanged) -> None:
+        self.replicas_serving.set(e.num_serving)
+        self.replica_events.labels(e.change).inc()
+        self.replayed.inc(e.num_replayed)
+        if e.change in ("lost", "drained"):
+            replica = str(e.replica)
+            for gauge in (self.replica_running, self.replica_waiting, self.replica_kv_used,
+                          self.replica_kv_total):
+                gauge.labels(replica).set(0)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -10,36 +10,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
-import os
-import tempfile
+import signal
 import time
-from dataclasses import dataclass
 
 import grpc
-import zmq
-import zmq.asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos import generation_pb2, generation_pb2_grpc
+from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
-from scheduler_service.engine import EngineConfig, run_engine
+from scheduler_service.engine_client import EngineClient, EngineUnavailable
 from scheduler_service.messages import (
     AbortRequest,
     AddRequest,
-    Command,
+    AddWorker,
     EngineFailed,
     EngineReady,
-    GetTrace,
+    RequestFailed,
     RequestRejected,
     RequestUpdate,
-    StepUpdates,
-    Trace,
-    decode_event,
-    encode,
 )
 from scheduler_service.metrics import ServerMetrics
 from scheduler_service.request import FinishReason
@@ -59,83 +50,6 @@ class BadRequest(ValueError):
     """Maps to INVALID_ARGUMENT; the message says what is wrong."""
 
 
-@dataclass
-class _Stream:
-    """Per-request mailbox filled by the engine reader, drained by the Generate coroutine."""
-
-    queue: asyncio.Queue
-
-
-class EngineClient:
-    """Starts the engine process and routes its updates to waiting Generate calls."""
-
-    def __init__(self, settings: SchedulerConfig, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
-        self._dir = tempfile.mkdtemp(prefix="sarathi-")
-        self.command_address = f"ipc://{self._dir}/commands"
-        self.update_address = f"ipc://{self._dir}/updates"
-        self.ctx = zmq.asyncio.Context()
-        self.commands = self.ctx.socket(zmq.PUSH)
-        self.commands.bind(self.command_address)
-        self.updates = self.ctx.socket(zmq.PULL)
-        self.updates.bind(self.update_address)
-        self.config = EngineConfig.from_settings(settings, self.command_address, self.update_address)
-        self.streams: dict[int, _Stream] = {}
-        self.ready: EngineReady | None = None
-        self.failure: str | None = None
-        self.ready_event = asyncio.Event()
-        self._trace_waiters: list[asyncio.Future] = []
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=run_engine, args=(self.config, os.getpid()), name="sarathi-engine", daemon=True)
-
-    def start(self) -> None:
-        self.process.start()
-
-    async def send(self, msg: Command) -> None:
-        await self.commands.send(encode(msg))
-
-    async def trace(self) -> Trace:
-        fut = asyncio.get_running_loop().create_future()
-        self._trace_waiters.append(fut)
-        await self.send(GetTrace())
-        return await fut
-
-    async def read_updates(self, on_ready, on_failure) -> None:
-        while True:
-            msg = decode_event(await self.updates.recv())
-            if isinstance(msg, StepUpdates):
-                self.metrics.observe_engine(msg.stats)
-                for upd in msg.updates:
-                    stream = self.streams.get(upd.seq_id)
-                    if stream is not None:
-                        stream.queue.put_nowait(upd)
-            elif isinstance(msg, RequestRejected):
-                stream = self.streams.get(msg.seq_id)
-                if stream is not None:
-                    stream.queue.put_nowait(msg)
-            elif isinstance(msg, EngineReady):
-                self.ready = msg
-                self.ready_event.set()
-                on_ready(msg)
-            elif isinstance(msg, EngineFailed):
-                self.failure = msg.message
-                self.ready_event.set()
-                on_failure(msg.message)
-                for stream in self.streams.values():
-                    stream.queue.put_nowait(msg)
-            elif isinstance(msg, Trace):
-                while self._trace_waiters:
-                    fut = self._trace_waiters.pop(0)
-                    if not fut.done():
-                        fut.set_result(msg)
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        self.ctx.destroy(linger=0)
-
-
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, max_queue: int) -> None:
         self.engine = engine
@@ -143,16 +57,21 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.model_name = model_name
         self.max_queue = max_queue
         self._ids = itertools.count(1)
+        self.draining = False
+        self.stream_ended = asyncio.Event()   # set whenever a stream ends (drain waits on it)
 
     async def ModelInfo(self, request, context):
         info = await self._ready_info(context)
         return generation_pb2.ModelInfoResponse(
             model=self.model_name or info.model, max_model_len=info.max_model_len,
             vocab_size=info.vocab_size, has_tokenizer=self.tokenizer is not None,
-            block_size=info.block_size, num_kv_blocks=info.num_kv_blocks, dtype=info.dtype,
+            block_size=info.block_size, num_kv_blocks=self.engine.num_kv_blocks or info.num_kv_blocks,
+            dtype=info.dtype,
             device=info.device, eos_token_ids=info.eos_token_ids)
 
     async def Generate(self, request, context):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down: retry")
         info = await self._ready_info(context)
         try:
             prompt_ids = self._prompt_ids(request, info)
@@ -164,8 +83,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.max_queue} requests in flight: retry later")
         seq_id = next(self._ids)
-        stream = _Stream(asyncio.Queue())
-        self.engine.streams[seq_id] = stream
         detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids, list(params.stop))
                  if self.tokenizer is not None else None)
         finished = False
@@ -174,17 +91,24 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         metrics = self.engine.metrics
         arrival = last = time.monotonic()
         try:
-            await self.engine.send(AddRequest(
+            stream = self.engine.add_stream(AddRequest(
                 seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options, max_tokens=max_tokens,
                 stop_token_ids=stop_ids, priority=request.priority, arrival_time=arrival))
+        except EngineUnavailable as e:
+            self.engine.streams.pop(seq_id, None)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        try:
             while True:
                 msg = await stream.queue.get()
                 if isinstance(msg, RequestRejected):
                     finished = True
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, msg.message)
+                if isinstance(msg, RequestFailed):
+                    finished = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, msg.message)
                 if isinstance(msg, EngineFailed):
                     finished = True
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {msg.message}")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler failed: {msg.message}")
                 assert isinstance(msg, RequestUpdate)
                 completion += len(msg.new_token_ids)
                 if msg.scheduling_delay_s is not None:
@@ -209,7 +133,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     finished = True
                     metrics.finished.labels(reason.value).inc()
                     if msg.finish_reason is None:  # a stop string: the engine must stop too
-                        await self.engine.send(AbortRequest(seq_id))
+                        self._abort(seq_id)
                     tail = detok.flush() if detok is not None and reason is not FinishReason.STOP else ""
                     yield generation_pb2.GenerateResponse(finished=generation_pb2.Finished(
                         reason=_FINISH[reason], text=tail, scheduling_delay_ns=scheduling_delay_ns,
@@ -219,14 +143,22 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         finally:
             self.engine.streams.pop(seq_id, None)
             if not finished:  # cancelled by the client, or the connection dropped
-                await self.engine.send(AbortRequest(seq_id))
+                self._abort(seq_id)
+            self.stream_ended.set()
+
+    def _abort(self, seq_id: int) -> None:
+        try:
+            self.engine.send_nowait(AbortRequest(seq_id))
+        except EngineUnavailable:
+            pass   # a restarted engine is never told of this stream
 
     async def _ready_info(self, context) -> EngineReady:
-        if self.engine.failure is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {self.engine.failure}")
+        if self.engine.fatal is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler failed: {self.engine.fatal}")
         if self.engine.ready is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the worker is still loading the model: retry when health is SERVING")
+                                "no worker is ready yet (loading the model, or none has joined): retry "
+                                "when health is SERVING")
         return self.engine.ready
 
     def _prompt_ids(self, request, info: EngineReady) -> list[int]:
@@ -295,25 +227,56 @@ class OperatorService(generation_pb2_grpc.OperatorServicer):
         self.engine = engine
 
     async def GetTrace(self, request, context):
-        if self.engine.ready is None or self.engine.failure is not None:
+        if self.engine.ready is None or self.engine.fatal is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
         records = (await self.engine.trace()).records
         if request.limit:
             records = records[-request.limit:]
         return generation_pb2.GetTraceResponse(iterations=[to_proto(r) for r in records])
 
+class MembershipService(worker_pb2_grpc.MembershipServicer):
+    """Workers started with --scheduler announce themselves here (and again every few seconds)."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+
+    async def Join(self, request, context):
+        address = request.address
+        if not address or ":" not in address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address must be host:port")
+        known = address in self.engine.joined
+        self.engine.joined.add(address)
+        try:
+            self.engine.send_nowait(AddWorker(address))  # the engine ignores one it already has
+        except EngineUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return worker_pb2.JoinResponse(known=known)
+
+
 async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) -> None:
-    """Runs the gRPC API until cancelled; the engine process lives as long as this coroutine."""
+    """Runs the gRPC API until SIGTERM or SIGINT, then drains: new calls get UNAVAILABLE and
+    health NOT_SERVING, open streams have up to --drain-seconds to finish. The engine process
+    lives as long as this coroutine (and is restarted if it dies)."""
     host, port = config.host, config.port
+    loop = asyncio.get_running_loop()
     metrics = ServerMetrics()
     if config.metrics_port is not None:
         metrics.serve(host, config.metrics_port)
-    engine = EngineClient(config, metrics)
+    health_servicer = health.aio.HealthServicer()
+    service: GenerationService | None = None
+
+    def set_health(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving and not (service and service.draining) \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            loop.create_task(health_servicer.set(name, status))
+
+    engine = EngineClient(config, metrics, on_health=set_health)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     service = GenerationService(engine, tokenizer, model_name, config.max_queue)
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
     generation_pb2_grpc.add_OperatorServicer_to_server(OperatorService(engine), server)
-    health_servicer = health.aio.HealthServicer()
+    worker_pb2_grpc.add_MembershipServicer_to_server(MembershipService(engine), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, OPERATOR_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -323,49 +286,41 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
     await server.start()
-    log.info("gRPC API on %s:%d (health NOT_SERVING until the worker has its cache)", host, port)
+    log.info("gRPC API on %s:%d (health NOT_SERVING until a worker has its cache)", host, port)
     engine.start()
-    loop = asyncio.get_running_loop()
-
-    def set_health(status) -> None:
-        for name in ("", SERVICE_NAME):
-            loop.create_task(health_servicer.set(name, status))
-
-    def on_ready(info: EngineReady) -> None:
-        log.info("serving %s: %d KV blocks of %d tokens, %s on %s", model_name or info.model,
-                 info.num_kv_blocks, info.block_size, info.dtype, info.device)
-        set_health(health_pb2.HealthCheckResponse.SERVING)
-
-    start_failure: list[str] = []
-
-    def on_failure(message: str) -> None:
-        log.error("engine failed: %s", message)
-        set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if engine.ready is None:  # it never served: nothing to report NOT_SERVING for, so exit
-            start_failure.append(message)
-            loop.create_task(server.stop(grace=0))
-
-    reader = asyncio.create_task(engine.read_updates(on_ready, on_failure))
-    watchdog = asyncio.create_task(_watch_engine(engine, on_failure))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.create_task(engine.read_events())
+    stopping = asyncio.create_task(stop.wait())
+    failing = asyncio.create_task(engine.fatal_event.wait())
     try:
-        await server.wait_for_termination()
+        await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            await _drain(service, set_health, config.drain_seconds)
     finally:
-        reader.cancel()
-        watchdog.cancel()
+        for task in (reader, stopping, failing):
+            task.cancel()
         await server.stop(grace=1)
         engine.close()
-    if start_failure:
-        raise SystemExit(f"the engine failed before serving: {start_failure[0]}")
+    if engine.fatal is not None:
+        if engine.ready is None:
+            raise SystemExit(f"the engine failed before serving: {engine.fatal}")
+        raise SystemExit(f"the scheduler cannot serve: {engine.fatal}")
 
 
-async def _watch_engine(engine: EngineClient, on_failure) -> None:
-    """An engine process that dies without a word still fails requests and health."""
-    while True:
-        await asyncio.sleep(0.5)
-        if not engine.process.is_alive() and engine.failure is None:
-            message = f"engine process exited with code {engine.process.exitcode}"
-            engine.failure = message
-            on_failure(message)
-            for stream in engine.streams.values():
-                stream.queue.put_nowait(EngineFailed(message))
-
+async def _drain(service: GenerationService, set_health, drain_s: float) -> None:
+    """Stops taking requests and lets the open streams finish, for up to drain_s seconds."""
+    service.draining = True
+    set_health(False)
+    streams = service.engine.streams
+    log.info("shutting down: %d streams in flight get up to %g s to finish", len(streams), drain_s)
+    deadline = time.monotonic() + drain_s
+    while streams and time.monotonic() < deadline:
+        service.stream_ended.clear()
+        try:
+            await asyncio.wait_for(service.stream_ended.wait(), timeout=deadline - time.monotonic())
+        except TimeoutError:
+            break
+    if streams:
+        log.warning("%d streams did not finish within %g s: they end now", len(streams), drain_s)

@@ -34,6 +34,7 @@ class IterationRecord(msgspec.Struct, array_like=True):
     # The worker's own account of the step: idle_ns is the gap to remove (the device sat idle
     # before this step), queued_ns the wait in the worker (overlap: behind the step before).
     worker: StepTimings = msgspec.field(default_factory=StepTimings)
+    replica: int = 0              # which replica ran it
 
     @property
     def seq_ids(self) -> list[int]:

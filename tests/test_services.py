@@ -35,8 +35,11 @@ def health_status(address: str) -> int:
 
 
 @pytest.fixture
-def split_services():
-    """A scheduler started before its worker exists, then the worker."""
+def split_services(request):
+    """A scheduler started before its worker exists, then the worker (scheduler options from the
+    test's `scheduler_args` marker)."""
+    marker = request.node.get_closest_marker("scheduler_args")
+    extra = marker.args if marker else ()
     worker_port, port = free_port(), free_port()
     procs: dict[str, subprocess.Popen] = {}
     address = f"127.0.0.1:{port}"
@@ -45,7 +48,7 @@ def split_services():
         procs["worker"] = spawn("worker", "--port", str(worker_port), "--threads", "1")
 
     procs["scheduler"] = spawn("scheduler", "--port", str(port), "--worker", f"127.0.0.1:{worker_port}",
-                               "--chunk-size", "64")
+                               "--chunk-size", "64", *extra)
     yield address, start_worker, procs
     for p in procs.values():
         kill(p, signal.SIGKILL)
@@ -72,7 +75,8 @@ def test_reflection_lists_the_services(default_server):
     assert {"sarathi.v1.Generation", "grpc.health.v1.Health"} <= services
 
 
-def test_killing_the_worker_fails_requests_unavailable_and_health_not_serving(split_services):
+@pytest.mark.scheduler_args("--on-replica-loss", "fail", "--replica-wait-seconds", "0")
+def test_failing_fast_killing_the_worker_fails_requests_unavailable_and_health_not_serving(split_services):
     address, start_worker, procs = split_services
     start_worker()
     wait_serving(address, timeout=120)
