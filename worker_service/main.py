@@ -8,6 +8,7 @@ import time
 import torch
 
 from sarathi_common.model_spec import resolve
+from worker_service import memory
 from worker_service.attention import make_backend
 from worker_service.config import WorkerConfig
 from worker_service.models.loader import load_model
@@ -36,7 +37,7 @@ def run_worker(config: WorkerConfig) -> None:
     start = time.monotonic()
     backend = make_backend(config.attention, device)
     model = load_model(source, backend, device, dtype, seed=config.weights_seed)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = memory.weight_bytes(model)
     graphs = device.type == "cuda" and config.cuda_graphs
     runner = ModelRunner(model, device, dtype, cuda_graphs=graphs,
                          hybrid_graph_tokens=config.graph_tokens(graphs))

@@ -6,13 +6,13 @@ block tables) and fails loudly when it does not.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
+from worker_service import memory
 from worker_service.attention import AttentionMetadata
 from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, HybridGraphs
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
@@ -121,8 +121,7 @@ class ModelRunner:
     # --- cache ------------------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
         c = self.config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * elem
+        return memory.kv_block_bytes(c.num_layers, c.num_kv_heads, c.head_dim, block_size, self.dtype)
 
     def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
         """Allocates the paged KV cache, and a host cache of num_host_blocks for swapping."""
@@ -154,12 +153,11 @@ class ModelRunner:
     def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
         """Bytes the KV cache may take: `fraction` of the device's memory, less the weights,
         the peak activations of a worst-case iteration (max_num_tokens prefill tokens, logits
-        for up to 256 rows) and room for the decode graphs. Call before init_cache."""
+        for up to LOGIT_ROWS rows) and room for the decode graphs. Call before init_cache."""
         if self.device.type != "cuda":
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            return int(avail * fraction)
+            return memory.host_kv_budget(fraction)
         c = self.config
-        n = max(1, min(max_num_tokens, c.max_model_len))
+        n = memory.worst_case_tokens(c, max_num_tokens)
         bs = 16
         blocks = -(-n // bs)
         torch.cuda.synchronize(self.device)
@@ -178,24 +176,19 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device)
         self.backend.begin_iteration(meta)
         hidden = self.model(ids, pos, caches, meta)
-        self.model.compute_logits(hidden[-min(n, 256):])
+        self.model.compute_logits(hidden[-min(n, memory.LOGIT_ROWS):])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
+        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes  # weights + activations
         del caches, hidden
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        return max(0, int(total * fraction - peak - outside_torch - self.graph_room_bytes(peak)))
+        return memory.device_kv_budget(self.device, fraction, peak, self.graph_room_bytes(peak))
 
     def graph_room_bytes(self, peak: int) -> int:
         """Memory the CUDA graphs will hold, given one iteration's peak activations."""
         if not self.use_cuda_graphs:
             return 0
-        c = self.config  # each graph keeps its own logits; its activations share a pool
-        room = sum(self.graph_batch_sizes) * (4 * c.vocab_size + 16 * (c.hidden_size + c.intermediate_size))
-        if self.hybrid_graph_tokens:  # their pool holds one largest step's activations
-            room += peak
-        return room + (256 << 20)
+        hybrid = self.hybrid_graph_tokens > 0
+        return memory.graph_room_bytes(self.config, self.graph_batch_sizes, hybrid, peak)
 
     # --- one iteration ----------------------------------------------------------------------
     def execute(self, plan: BatchPlan) -> StepOutput:

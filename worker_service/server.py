@@ -9,26 +9,14 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
-import torch
 
 from protos import worker_pb2, worker_pb2_grpc
 from protos.batch_plan import BatchPlan
+from worker_service import memory
 from worker_service.runner import ModelRunner, PlanError
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
                 ("grpc.max_receive_message_length", 256 << 20)]
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory the KV cache may use: free device memory, or available RAM on the CPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -42,12 +30,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         block_size = request.block_size or 16
         fraction = request.memory_fraction or 0.9
         c = self.runner.config
-        free = free_memory_bytes(self.runner.device)
+        free = memory.free_memory_bytes(self.runner.device)
         if self.runner.device.type == "cuda" and hasattr(self.runner, "profile_free_memory"):
             # Run a worst-case iteration first: activations and CUDA graphs need room too.
             budget = self.runner.profile_free_memory(request.max_num_batched_tokens or 8192, fraction)
         else:
-            budget = min(int(free * fraction), self.cpu_cache_limit)
+            budget = min(memory.host_kv_budget(fraction), self.cpu_cache_limit)
         per_block = self.runner.bytes_per_block(block_size)
         return worker_pb2.DescribeResponse(
             model=c.name, device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),

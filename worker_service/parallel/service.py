@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from protos import worker_pb2
+from worker_service import memory
 from worker_service.config import WorkerConfig
 from worker_service.parallel.layout import ReplicaLayout
 from worker_service.parallel.replica import ReplicaDriver, build_rank, exit_now, follow
@@ -106,7 +107,7 @@ def run_replica_worker(config: WorkerConfig, load, device: torch.device, dtype: 
     rank = config.rank
     start = time.monotonic()
     r = build_rank(layout, rank, load, device, dtype, cuda_graphs=config.cuda_graphs)
-    weight_bytes = sum(p.numel() * p.element_size() for p in r.runner.model.parameters())
+    weight_bytes = memory.weight_bytes(r.runner.model)
     where = f"rank {rank} (stage {layout.stage_of(rank)}, TP rank {layout.tp_rank_of(rank)}) " \
             f"of TP={layout.tp_size} x PP={layout.pp_size}"
     print(f"worker {where}: {weight_bytes / 1e6:.0f} MB of weights in this shard, built in "
