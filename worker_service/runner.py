@@ -222,6 +222,7 @@ class ModelRunner:
         step = LaunchedStep(plan.step_id, launched_ns=t0)
         t2 = t_ready
         if batch is not None:
+            batch = self.before_forward(plan, batch)
             logits = self._forward(batch, step)
             t2 = time.perf_counter_ns()
             if logits is not None:
@@ -304,6 +305,12 @@ class ModelRunner:
             self.seqs[new.seq_id] = SequenceState(
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), cached,
                 new.sampling)
+
+    def before_forward(self, plan: BatchPlan, batch: HostBatch) -> HostBatch:
+        """Hook for a subclass, called once per step with work, just before the model runs:
+        returns the batch to run (a pipeline stage tags its handoff with the step, and samples
+        only on the last stage). A whole model runs the batch as prepared."""
+        return batch
 
     def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
         """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits.

@@ -18,7 +18,7 @@ from protos.batch_plan import BatchPlan, StepOutput
 from worker_service import memory
 from worker_service.models.llama import LlamaModel
 from worker_service.parallel.layout import split_layers
-from worker_service.runner import HostBatch, LaunchedStep, ModelRunner
+from worker_service.runner import HostBatch, ModelRunner
 
 
 class HiddenLink(Protocol):
@@ -85,10 +85,12 @@ class StageRunner(ModelRunner):
         super().__init__(model, device, dtype, cuda_graphs=graphs)
         self.samples = samples
 
-    def launch(self, plan: BatchPlan) -> LaunchedStep:
+    def before_forward(self, plan: BatchPlan, batch: HostBatch) -> HostBatch:
         if isinstance(self.model, PipelineStage):
             self.model.step_id = plan.step_id
-        return super().launch(plan)
+        if not self.samples:
+            batch = dataclasses.replace(batch, sample_rows=[], sample_seqs=[])
+        return batch
 
     def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
         """This rank's KV bytes, as ModelRunner's, but with a worst-case iteration's activations
@@ -109,8 +111,3 @@ class StageRunner(ModelRunner):
             state = self.seqs.get(seq_id)
             if state is not None:
                 state.token_ids.append(token)
-
-    def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
-        if not self.samples:
-            batch = dataclasses.replace(batch, sample_rows=[], sample_seqs=[])
-        return super()._forward(batch, step)
