@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 import torch
@@ -41,8 +40,6 @@ def run_worker(config: WorkerConfig) -> None:
     graphs = device.type == "cuda" and config.cuda_graphs
     runner = ModelRunner(model, device, dtype, cuda_graphs=graphs,
                          hybrid_graph_tokens=config.graph_tokens(graphs))
-    server = serve_worker(runner, config.host, config.port, weight_bytes, config.cpu_cache_bytes)
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
-          f"loaded in {time.monotonic() - start:.1f} s; listening on {config.host}:{config.port}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
-    server.wait_for_termination()
+          f"loaded in {time.monotonic() - start:.1f} s", flush=True)
+    serve_worker(runner, config, weight_bytes)

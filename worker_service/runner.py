@@ -1,7 +1,8 @@
 """Executes one BatchPlan: per-sequence state, plan -> input tensors, forward, sample.
 
 The runner makes no decisions: it checks that the plan agrees with its own state (token counts,
-block tables) and fails loudly when it does not.
+block tables) and fails loudly when it does not. A single-process worker serves it directly
+(the executor interface, executor.py); each rank of a parallel replica runs a StageRunner.
 """
 
 from __future__ import annotations
@@ -11,18 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protos import worker_pb2
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
 from worker_service import memory
 from worker_service.attention import AttentionMetadata
 from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, HybridGraphs
+from worker_service.executor import PlanError
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
 from worker_service.upload import upload
-
-
-class PlanError(ValueError):
-    """The plan contradicts the worker's state: a scheduler bug or a lost message."""
 
 
 @dataclass
@@ -81,6 +80,8 @@ class HostBatch:
 
 
 class ModelRunner:
+    depth = 1   # no pipeline: one micro-batch at a time (executor.py)
+
     def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype, *,
                  cuda_graphs: bool | None = None,
                  graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
@@ -117,6 +118,9 @@ class ModelRunner:
         self._drain()
         self.seqs.clear()
         self._last_end_event, self._last_end_ns = None, 0
+
+    def stop(self) -> None:
+        """Nothing to stop: the runner lives and ends with the service's process."""
 
     # --- cache ------------------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
@@ -191,6 +195,14 @@ class ModelRunner:
         return memory.graph_room_bytes(self.config, self.graph_batch_sizes, hybrid, peak)
 
     # --- one iteration ----------------------------------------------------------------------
+    def dispatch(self, plan: bytes) -> LaunchedStep:
+        """launch() of a serialized BatchPlan (the executor interface)."""
+        return self.launch(BatchPlan.from_proto(worker_pb2.BatchPlan.FromString(plan)))
+
+    def collect(self, step: LaunchedStep) -> bytes:
+        """finish(), serialized as a StepResult (the executor interface)."""
+        return self.finish(step).to_proto().SerializeToString()
+
     def execute(self, plan: BatchPlan) -> StepOutput:
         """Runs one plan to completion: launch, then wait for its tokens."""
         return self.finish(self.launch(plan))

@@ -12,12 +12,11 @@ Per iteration (one plan):
 from __future__ import annotations
 
 import json
-import logging
-import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from protos import worker_pb2
 from protos.batch_plan import BatchPlan, StepOutput
 from worker_service import memory
+from worker_service.executor import ExecutorBroken, PlanError
 from worker_service.models.config import ModelConfig
 from worker_service.models.llama import LlamaModel
 from worker_service.parallel.handoff import (
@@ -47,9 +47,6 @@ from worker_service.parallel.handoff import (
 from worker_service.parallel.layout import ReplicaLayout, split_layers
 from worker_service.parallel.pipeline import StageRunner, slice_stage
 from worker_service.parallel.tensor_parallel import COMM, head_shard, shard_model, shard_weight
-from worker_service.runner import PlanError
-
-log = logging.getLogger("sarathi.replica")
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=600)   # a dead peer is caught by heartbeats much sooner
 
@@ -198,11 +195,22 @@ class _Flight:
     seq_ids: set[int]
 
 
+@contextmanager
+def _breaks_replica() -> Iterator[None]:
+    """Any failure but a PlanError means a collective or handoff broke: the ranks are out of
+    step, and nothing this replica computes can be trusted again."""
+    try:
+        yield
+    except PlanError:
+        raise
+    except Exception as e:
+        raise ExecutorBroken(f"replica failed: {e!r}") from e
+
+
 class ReplicaDriver:
-    """Rank 0: what the gRPC Worker service drives. Looks like a ModelRunner to the service
-    (config, device, dtype, bytes_per_block, init_cache), but runs plan *bytes*, split in two
-    halves so that a pipeline can hold several micro-batches: dispatch() sends a plan into the
-    replica and runs rank 0's own part; collect() waits for its sampled tokens. Up to pp_size
+    """Rank 0: the executor (executor.py) the gRPC Worker service drives for a whole replica.
+    dispatch() sends a plan's bytes into the replica and runs rank 0's own part; collect() waits
+    for its sampled tokens, so that a pipeline can hold several micro-batches. Up to pp_size
     plans are in flight at once, as long as no sequence is in two of them (its next chunk needs
     the token or KV entries of the previous one); a plan that would break this waits in
     dispatch() until the earlier micro-batch is collected. Call dispatch from one thread and
@@ -258,6 +266,15 @@ class ReplicaDriver:
 
     def dispatch(self, plan_bytes: bytes) -> int:
         """Sends the plan to every rank and runs rank 0's part of it; returns its step id."""
+        with _breaks_replica():
+            return self._dispatch(plan_bytes)
+
+    def collect(self, step_id: int) -> bytes:
+        """The StepResult bytes of a dispatched plan (the oldest one not yet collected)."""
+        with _breaks_replica():
+            return self._collect(step_id)
+
+    def _dispatch(self, plan_bytes: bytes) -> int:
         msg = worker_pb2.BatchPlan.FromString(plan_bytes)
         touched = set(msg.seq_ids) | set(msg.dropped_seq_ids)
         with self._cond:
@@ -274,8 +291,7 @@ class ReplicaDriver:
             self._local[msg.step_id] = out.to_proto().SerializeToString()
         return msg.step_id
 
-    def collect(self, step_id: int) -> bytes:
-        """The StepResult bytes of a dispatched plan (the oldest one not yet collected)."""
+    def _collect(self, step_id: int) -> bytes:
         result = self._local.pop(step_id) if self.layout.pp_size == 1 else self._wait_result(step_id)
         with self._cond:
             flight = self._in_flight.popleft()
@@ -342,10 +358,3 @@ def comm_stats() -> dict[str, int]:
 def reset_comm_stats() -> None:
     STATS.reset()
     COMM.calls = COMM.bytes = COMM.ns = 0
-
-
-def exit_now(code: int) -> None:
-    """Ends the process without waiting for threads or gloo teardown (which may hang on a dead
-    peer)."""
-    logging.shutdown()
-    os._exit(code)
