@@ -85,6 +85,17 @@ def plan(step_id: int) -> worker_pb2.BatchPlan:
     return BatchPlan(step_id).to_proto()
 
 
+def stream_error(stub: worker_pb2_grpc.WorkerStub, step_id: int) -> grpc.RpcError:
+    """The error ending a stream whose first plan is step_id; the scheduler's side of the stream
+    stays open until then."""
+    plans, results = open_stream(stub)
+    plans.put(plan(step_id))
+    with pytest.raises(grpc.RpcError) as err:
+        next(results)
+    plans.put(None)
+    return err.value
+
+
 def test_results_come_back_in_plan_order_and_a_plan_error_ends_only_its_stream(worker):
     stub, executor, exits = worker
     plans, results = open_stream(stub)
@@ -123,14 +134,9 @@ def test_a_second_scheduler_is_turned_away_while_the_first_holds_the_stream(work
 def test_an_error_collecting_a_step_is_reported_at_once_while_the_scheduler_still_streams(worker):
     # The feeder then still waits for the next plan: waiting for it must not hold back the status.
     stub, _, _ = worker
-    plans, results = open_stream(stub)
-    plans.put(plan(BAD_RESULT))
     start = time.monotonic()
-    with pytest.raises(grpc.RpcError) as err:
-        next(results)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stream_error(stub, BAD_RESULT).code() == grpc.StatusCode.FAILED_PRECONDITION
     assert time.monotonic() - start < 5
-    plans.put(None)
     plans, results = open_stream(stub)   # the stream is free again once the old RPC is over
     plans.put(plan(1))
     assert next(results).step_id == 1
@@ -139,13 +145,9 @@ def test_an_error_collecting_a_step_is_reported_at_once_while_the_scheduler_stil
 
 def test_a_broken_executor_ends_the_stream_unavailable_and_then_the_process(worker):
     stub, _, exits = worker
-    plans, results = open_stream(stub)
-    plans.put(plan(BROKEN))
-    with pytest.raises(grpc.RpcError) as err:
-        next(results)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert err.value.details() == "replica failed: RuntimeError('peer gone')"
-    plans.put(None)
+    err = stream_error(stub, BROKEN)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.details() == "replica failed: RuntimeError('peer gone')"
     deadline = time.monotonic() + 5
     while not exits and time.monotonic() < deadline:
         time.sleep(0.05)
