@@ -33,7 +33,7 @@ class FixedSplits(TritonAttention):
         self.splits = splits
 
     def forward(self, q, kv_cache, meta, scale):
-        return paged_decode(q, kv_cache, meta, scale, splits=self.splits)
+        return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale, splits=self.splits)
 
 
 def variants(sweep: list[int]):

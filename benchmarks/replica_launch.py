@@ -9,12 +9,13 @@ from contextlib import contextmanager
 
 import torch
 
+from sarathi_common.lifecycle import exit_now
 from sarathi_common.model_spec import resolve
 from sarathi_common.net import free_port
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.parallel.layout import ReplicaLayout
-from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, exit_now, follow
+from worker_service.parallel.replica import ReplicaDriver, build_rank, close_rank, follow
 
 
 def loader(model: str, dtype: torch.dtype, attention: str = "auto"):

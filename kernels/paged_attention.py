@@ -12,15 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_service.attention.backend import AttentionMetadata
-from worker_service.attention.torch_ref import TorchAttention
-
 _LOG2E = 1.4426950408889634
-
-
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
-    return TorchAttention().forward(q, kv_cache, meta, scale)
 
 
 @triton.jit
@@ -92,18 +84,21 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start: torch.Tensor, context_lens: torch.Tensor, scale: float,
                     max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim] (head_dim contiguous) -> [tokens, heads, head_dim].
 
-    max_query_len (a host int) sizes the grid, so the launch needs no device sync.
+    Sequence i owns query rows [query_start[i], query_start[i + 1]), the last positions of its
+    context_lens[i] tokens, whose K/V sit in the blocks of row i of block_tables (all int32, on
+    the device). max_query_len (a host int) sizes the grid, so the launch needs no device sync.
     """
     n_tok, n_heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = n_heads // kv_heads
     if out is None:
         out = torch.empty(n_tok, n_heads, head_dim, device=q.device, dtype=q.dtype)
-    num_seqs = meta.context_lens.shape[0]
+    num_seqs = context_lens.shape[0]
     if n_tok == 0 or num_seqs == 0:
         return out
     rows = 16 if max_query_len == 1 else 64
@@ -113,10 +108,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     block_n = 32 if ieee else 64
     grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, tok))
     _paged_attention_kernel[grid](
-        q, out, kv_cache, meta.block_tables, meta.query_start, meta.context_lens,
+        q, out, kv_cache, block_tables, query_start, context_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        meta.block_tables.stride(0), block_size, scale * _LOG2E,
+        block_tables.stride(0), block_size, scale * _LOG2E,
         GROUP=group, TOK=tok, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, IEEE=ieee,
         num_warps=4, num_stages=2)
     return out

@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from kernels.paged_attention import attend_tile
-from worker_service.attention.backend import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
@@ -105,10 +104,12 @@ def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, 4 * sms // (batch * kv_heads)))
 
 
-def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                 splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, splits: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_seqs, heads, head_dim], one query per sequence, at its last position ->
-    [num_seqs, heads, head_dim]. Reads meta.context_lens and meta.block_tables on the device."""
+    [num_seqs, heads, head_dim]. Reads context_lens and block_tables (int32) on the device, so a
+    CUDA graph replays for whatever they hold then."""
     n_seq, n_heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = n_heads // kv_heads
@@ -126,10 +127,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadat
     else:
         part = lse = out  # unused: the kernel writes out directly
     _decode_split_kernel[(n_seq, kv_heads, splits)](
-        q, out, part, lse, kv_cache, meta.block_tables, meta.context_lens,
+        q, out, part, lse, kv_cache, block_tables, context_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        meta.block_tables.stride(0), block_size, scale * _LOG2E, n_heads,
+        block_tables.stride(0), block_size, scale * _LOG2E, n_heads,
         SPLITS=splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, IEEE=ieee, num_warps=4, num_stages=2)
     if splits > 1:

@@ -1,4 +1,5 @@
-"""Child processes that never outlive the process that started them.
+"""Child processes that never outlive the process that started them, and a process that ends
+at once.
 
 A `serve` killed with SIGKILL cannot stop its worker or engine; the kernel can, if each child
 asks to be sent SIGTERM when its parent dies (Linux prctl PR_SET_PDEATHSIG). Elsewhere a no-op.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import signal
 import sys
@@ -32,3 +34,10 @@ def exit_with_parent(parent_pid: int) -> None:
 def dies_with_this_process() -> Callable[[], None]:
     """A Popen preexec_fn that ties the child to the calling process."""
     return functools.partial(exit_with_parent, os.getpid())
+
+
+def exit_now(code: int) -> None:
+    """Ends the process without waiting for threads or a collective group's teardown (which may
+    hang on a dead peer)."""
+    logging.shutdown()
+    os._exit(code)

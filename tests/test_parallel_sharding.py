@@ -12,6 +12,7 @@ import torch
 from benchmarks.parallel_handoff import PlanMaker
 from benchmarks.replica_launch import local_replica
 from protos import worker_pb2
+from sarathi_common.lifecycle import exit_now
 from sarathi_common.model_spec import resolve
 from sarathi_common.net import free_port
 from worker_service.attention import make_backend
@@ -22,7 +23,6 @@ from worker_service.parallel.replica import (
     ReplicaDriver,
     build_rank,
     close_rank,
-    exit_now,
     follow,
     rank_device,
 )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 import torch
 
 from sarathi_common.model_spec import resolve
+from worker_service import memory
 from worker_service.attention import make_backend
 from worker_service.config import WorkerConfig
 from worker_service.models.loader import load_model
@@ -36,12 +36,10 @@ def run_worker(config: WorkerConfig) -> None:
     start = time.monotonic()
     backend = make_backend(config.attention, device)
     model = load_model(source, backend, device, dtype, seed=config.weights_seed)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = memory.weight_bytes(model)
     graphs = device.type == "cuda" and config.cuda_graphs
     runner = ModelRunner(model, device, dtype, cuda_graphs=graphs,
                          hybrid_graph_tokens=config.graph_tokens(graphs))
-    server = serve_worker(runner, config.host, config.port, weight_bytes, config.cpu_cache_bytes)
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
-          f"loaded in {time.monotonic() - start:.1f} s; listening on {config.host}:{config.port}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
-    server.wait_for_termination()
+          f"loaded in {time.monotonic() - start:.1f} s", flush=True)
+    serve_worker(runner, config, weight_bytes)

@@ -1,28 +1,27 @@
 """Executes one BatchPlan: per-sequence state, plan -> input tensors, forward, sample.
 
 The runner makes no decisions: it checks that the plan agrees with its own state (token counts,
-block tables) and fails loudly when it does not.
+block tables) and fails loudly when it does not. A single-process worker serves it directly
+(the executor interface, executor.py); each rank of a parallel replica runs a StageRunner.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from protos import worker_pb2
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
+from worker_service import memory
 from worker_service.attention import AttentionMetadata
 from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, HybridGraphs
+from worker_service.executor import PlanError
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
 from worker_service.upload import upload
-
-
-class PlanError(ValueError):
-    """The plan contradicts the worker's state: a scheduler bug or a lost message."""
 
 
 @dataclass
@@ -81,6 +80,8 @@ class HostBatch:
 
 
 class ModelRunner:
+    depth = 1   # no pipeline: one micro-batch at a time (executor.py)
+
     def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype, *,
                  cuda_graphs: bool | None = None,
                  graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
@@ -118,11 +119,13 @@ class ModelRunner:
         self.seqs.clear()
         self._last_end_event, self._last_end_ns = None, 0
 
+    def stop(self) -> None:
+        """Nothing to stop: the runner lives and ends with the service's process."""
+
     # --- cache ------------------------------------------------------------------------------
     def bytes_per_block(self, block_size: int) -> int:
         c = self.config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * elem
+        return memory.kv_block_bytes(c.num_layers, c.num_kv_heads, c.head_dim, block_size, self.dtype)
 
     def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
         """Allocates the paged KV cache, and a host cache of num_host_blocks for swapping."""
@@ -154,12 +157,11 @@ class ModelRunner:
     def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
         """Bytes the KV cache may take: `fraction` of the device's memory, less the weights,
         the peak activations of a worst-case iteration (max_num_tokens prefill tokens, logits
-        for up to 256 rows) and room for the decode graphs. Call before init_cache."""
+        for up to LOGIT_ROWS rows) and room for the decode graphs. Call before init_cache."""
         if self.device.type != "cuda":
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            return int(avail * fraction)
+            return memory.host_kv_budget(fraction)
         c = self.config
-        n = max(1, min(max_num_tokens, c.max_model_len))
+        n = memory.worst_case_tokens(c, max_num_tokens)
         bs = 16
         blocks = -(-n // bs)
         torch.cuda.synchronize(self.device)
@@ -178,26 +180,29 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device)
         self.backend.begin_iteration(meta)
         hidden = self.model(ids, pos, caches, meta)
-        self.model.compute_logits(hidden[-min(n, 256):])
+        self.model.compute_logits(hidden[-min(n, memory.LOGIT_ROWS):])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
+        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes  # weights + activations
         del caches, hidden
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        return max(0, int(total * fraction - peak - outside_torch - self.graph_room_bytes(peak)))
+        return memory.device_kv_budget(self.device, fraction, peak, self.graph_room_bytes(peak))
 
     def graph_room_bytes(self, peak: int) -> int:
         """Memory the CUDA graphs will hold, given one iteration's peak activations."""
         if not self.use_cuda_graphs:
             return 0
-        c = self.config  # each graph keeps its own logits; its activations share a pool
-        room = sum(self.graph_batch_sizes) * (4 * c.vocab_size + 16 * (c.hidden_size + c.intermediate_size))
-        if self.hybrid_graph_tokens:  # their pool holds one largest step's activations
-            room += peak
-        return room + (256 << 20)
+        hybrid = self.hybrid_graph_tokens > 0
+        return memory.graph_room_bytes(self.config, self.graph_batch_sizes, hybrid, peak)
 
     # --- one iteration ----------------------------------------------------------------------
+    def dispatch(self, plan: bytes) -> LaunchedStep:
+        """launch() of a serialized BatchPlan (the executor interface)."""
+        return self.launch(BatchPlan.from_proto(worker_pb2.BatchPlan.FromString(plan)))
+
+    def collect(self, step: LaunchedStep) -> bytes:
+        """finish(), serialized as a StepResult (the executor interface)."""
+        return self.finish(step).to_proto().SerializeToString()
+
     def execute(self, plan: BatchPlan) -> StepOutput:
         """Runs one plan to completion: launch, then wait for its tokens."""
         return self.finish(self.launch(plan))
@@ -229,6 +234,7 @@ class ModelRunner:
         step = LaunchedStep(plan.step_id, launched_ns=t0)
         t2 = t_ready
         if batch is not None:
+            batch = self.before_forward(plan, batch)
             logits = self._forward(batch, step)
             t2 = time.perf_counter_ns()
             if logits is not None:
@@ -311,6 +317,12 @@ class ModelRunner:
             self.seqs[new.seq_id] = SequenceState(
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), cached,
                 new.sampling)
+
+    def before_forward(self, plan: BatchPlan, batch: HostBatch) -> HostBatch:
+        """Hook for a subclass, called once per step with work, just before the model runs:
+        returns the batch to run (a pipeline stage tags its handoff with the step, and samples
+        only on the last stage). A whole model runs the batch as prepared."""
+        return batch
 
     def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
         """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits.

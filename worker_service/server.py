@@ -1,39 +1,41 @@
-"""The worker's gRPC service: Describe, InitCache and the Step stream around a ModelRunner."""
+"""The worker's gRPC service: Describe, InitCache and the Step stream around an executor
+(executor.py), a single-process ModelRunner or a parallel replica's ReplicaDriver.
+
+Step moves bytes: plans reach the executor as they arrived (a replica forwards them to its other
+ranks unparsed) and results leave as the executor serialized them.
+"""
 
 from __future__ import annotations
 
+import logging
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any, NoReturn
 
 import grpc
-import torch
 
-from protos import worker_pb2, worker_pb2_grpc
-from protos.batch_plan import BatchPlan
-from worker_service.runner import ModelRunner, PlanError
+from protos import worker_pb2
+from sarathi_common.lifecycle import exit_now
+from worker_service import memory
+from worker_service.config import WorkerConfig
+from worker_service.executor import Executor, ExecutorBroken, PlanError
+
+log = logging.getLogger("sarathi.worker")
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
                 ("grpc.max_receive_message_length", 256 << 20)]
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+BROKEN_EXIT_CODE = 4
+BROKEN_EXIT_DELAY_S = 0.5   # for the UNAVAILABLE status to reach the scheduler first
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory the KV cache may use: free device memory, or available RAM on the CPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner: ModelRunner, weight_bytes: int, cpu_cache_limit: int) -> None:
-        self.runner = runner
+class WorkerService:
+    def __init__(self, executor: Executor[Any], weight_bytes: int, cpu_cache_limit: int) -> None:
+        self.executor = executor
         self.weight_bytes = weight_bytes
         self.cpu_cache_limit = cpu_cache_limit
         self._stream_lock = threading.Lock()
@@ -41,81 +43,134 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Describe(self, request, context):
         block_size = request.block_size or 16
         fraction = request.memory_fraction or 0.9
-        c = self.runner.config
-        free = free_memory_bytes(self.runner.device)
-        if self.runner.device.type == "cuda" and hasattr(self.runner, "profile_free_memory"):
+        ex = self.executor
+        c = ex.config
+        free = memory.free_memory_bytes(ex.device)
+        if ex.device.type == "cuda":
             # Run a worst-case iteration first: activations and CUDA graphs need room too.
-            budget = self.runner.profile_free_memory(request.max_num_batched_tokens or 8192, fraction)
+            budget = ex.profile_free_memory(request.max_num_batched_tokens or 8192, fraction)
         else:
-            budget = min(int(free * fraction), self.cpu_cache_limit)
-        per_block = self.runner.bytes_per_block(block_size)
+            budget = min(memory.host_kv_budget(fraction), self.cpu_cache_limit)
+        per_block = ex.bytes_per_block(block_size)
         return worker_pb2.DescribeResponse(
-            model=c.name, device=str(self.runner.device), dtype=str(self.runner.dtype).removeprefix("torch."),
+            model=c.name, device=str(ex.device), dtype=str(ex.dtype).removeprefix("torch."),
             num_layers=c.num_layers, vocab_size=c.vocab_size, max_model_len=c.max_model_len,
             eos_token_ids=list(c.eos_token_ids), weight_bytes=self.weight_bytes,
             free_memory_bytes=free, bytes_per_block=per_block,
-            num_blocks_available=budget // per_block,
-            # A parallel replica's driver runs up to `depth` micro-batches; one runner runs one.
-            pipeline_parallel_size=getattr(self.runner, "depth", 1))
+            num_blocks_available=budget // per_block, pipeline_parallel_size=ex.depth)
 
     def InitCache(self, request, context):
         if request.num_blocks < 1 or request.block_size < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be >= 1")
         with self._stream_lock:
-            cache_bytes = self.runner.init_cache(request.num_blocks, request.block_size,
-                                                 request.num_host_blocks)
+            cache_bytes = self.executor.init_cache(request.num_blocks, request.block_size,
+                                                   request.num_host_blocks)
         return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
 
-    def Step(self, request_iterator: Iterator[worker_pb2.BatchPlan],
-             context) -> Iterator[worker_pb2.StepResult]:
+    def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:
         if not self._stream_lock.acquire(blocking=False):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler holds the step stream")
-        feeder: threading.Thread | None = None
+        feeding = threading.Lock()    # held by the feeder while it dispatches a plan
+        closed = threading.Event()    # this stream is over: the feeder dispatches no more
         try:
             # A new stream means a new scheduler: forget sequences from the previous one.
-            self.runner.reset()
-            # A feeder thread launches plans as they arrive, so the host prepares step i+1
-            # while the device runs step i; this generator waits for each step's tokens in order.
-            launched: queue.SimpleQueue = queue.SimpleQueue()
-            feeder = threading.Thread(target=self._feed, args=(request_iterator, launched),
-                                      daemon=True, name="worker-launch")
-            feeder.start()
-            while (item := launched.get()) is not None:
-                if isinstance(item, PlanError):
-                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(item))
-                if isinstance(item, BaseException):
-                    raise item
-                yield self.runner.finish(item).to_proto()
+            self.executor.reset()
+            # A feeder thread dispatches plans as they arrive, so the host prepares step i+1 while
+            # the device runs step i (and a pipeline's first stage takes plan i+1 while a later
+            # one runs plan i); this generator collects each step's result in order.
+            dispatched: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._feed, args=(request_iterator, dispatched, feeding, closed),
+                             daemon=True, name="worker-dispatch").start()
+            while (item := dispatched.get()) is not None:
+                try:
+                    if isinstance(item, BaseException):
+                        raise item
+                    result = self.executor.collect(item)
+                except (PlanError, ExecutorBroken) as e:
+                    self._fail(e, context)
+                yield result
         finally:
-            # The next scheduler's stream must not meet this one's launches on the runner: the
-            # request iterator ends (or raises) once this RPC is over, and with it the feeder.
-            if feeder is not None:
-                feeder.join(timeout=30)
-            self._stream_lock.release()
+            self._end_stream(feeding, closed)
 
-    def _feed(self, request_iterator: Iterator[worker_pb2.BatchPlan], launched: queue.SimpleQueue) -> None:
+    def _feed(self, request_iterator: Iterator[bytes], dispatched: queue.SimpleQueue,
+              feeding: threading.Lock, closed: threading.Event) -> None:
         try:
-            for msg in request_iterator:
-                launched.put(self.runner.launch(BatchPlan.from_proto(msg)))
-        except PlanError as e:
-            launched.put(e)
+            for plan in request_iterator:
+                with feeding:
+                    if closed.is_set():
+                        return
+                    handle = self.executor.dispatch(plan)
+                dispatched.put(handle)
         except grpc.RpcError:
             pass   # the scheduler went away: the stream ends
         except Exception as e:  # noqa: BLE001 - surface it to the stream rather than lose it
-            launched.put(e)
-        launched.put(None)
+            dispatched.put(e)
+        dispatched.put(None)
+
+    def _end_stream(self, feeding: threading.Lock, closed: threading.Event) -> None:
+        """Lets the next scheduler's stream in once no dispatch of this one can reach the
+        executor any more. A feeder waiting for the next plan is simply told to stop: its request
+        iterator ends only once this RPC is over, after the status this thread is about to send.
+        A dispatch under way is waited for (30 s at most) on another thread, so that the status
+        is not held back either."""
+        def close(locked: bool) -> None:
+            closed.set()
+            if locked:
+                feeding.release()
+            self._stream_lock.release()
+
+        if feeding.acquire(blocking=False):
+            close(locked=True)
+        else:
+            threading.Thread(target=lambda: close(feeding.acquire(timeout=30)), daemon=True,
+                             name="worker-stream-end").start()
+
+    def _fail(self, error: PlanError | ExecutorBroken, context) -> NoReturn:
+        """The Step stream's error policy. Any other error fails the RPC as it is (UNKNOWN), and
+        the worker serves the next stream."""
+        if isinstance(error, PlanError):
+            # A scheduler bug or a lost message: this stream is over, the executor is fine.
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        # Nothing this executor computes can be trusted: tell the scheduler, then end the process
+        # (a replica's other ranks follow when its heartbeats stop).
+        log.error("worker step failed: %s", error)
+        threading.Timer(BROKEN_EXIT_DELAY_S, exit_now, args=(BROKEN_EXIT_CODE,)).start()
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
 
-def serve_worker(runner: ModelRunner, host: str, port: int, weight_bytes: int,
-                 cpu_cache_limit: int) -> grpc.Server:
-    # The launch thread holds the GIL for the whole of an eager step's kernel launches (tens of
-    # ms for a hybrid step); at Python's default 5 ms switch interval the thread that returns the
-    # previous step's tokens waits that long, and so does the scheduler's next plan.
+def method_handlers(svc: WorkerService) -> dict[str, grpc.RpcMethodHandler]:
+    return {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            svc.Describe, request_deserializer=worker_pb2.DescribeRequest.FromString,
+            response_serializer=worker_pb2.DescribeResponse.SerializeToString),
+        "InitCache": grpc.unary_unary_rpc_method_handler(
+            svc.InitCache, request_deserializer=worker_pb2.InitCacheRequest.FromString,
+            response_serializer=worker_pb2.InitCacheResponse.SerializeToString),
+        # No (de)serializer: BatchPlan bytes in, StepResult bytes out, coded by the executor.
+        "Step": grpc.stream_stream_rpc_method_handler(svc.Step),
+    }
+
+
+def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: int,
+                 name: str = "worker") -> None:
+    """Serves the Worker service on config's address until SIGTERM, which stops the executor
+    and the server. `name`: how this process signs its log lines."""
+    # The dispatch thread holds the GIL for the whole of an eager step's kernel launches (tens
+    # of ms for a hybrid step); at Python's default 5 ms switch interval the thread that returns
+    # the previous step's tokens waits that long, and so does the scheduler's next plan.
     sys.setswitchinterval(5e-4)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner, weight_bytes, cpu_cache_limit), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
+    handlers = method_handlers(WorkerService(executor, weight_bytes, config.cpu_cache_bytes))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+    if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}: is the port in use?")
     server.start()
-    return server
+    print(f"{name}: listening on {config.host}:{config.port}", flush=True)
+
+    def on_term(*_):
+        executor.stop()
+        server.stop(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    server.wait_for_termination()

@@ -164,7 +164,8 @@ def test_paged_attention(dtype, heads, kv_heads, head_dim, batch, block_size):
     q = torch.randn(sum(query_lens), heads, head_dim, device=DEV, dtype=dtype)
     scale = head_dim ** -0.5
     ref = TorchAttention().forward(q.double(), cache.double(), meta, scale)
-    out = paged_attention(q, cache, meta, scale, max(query_lens))
+    out = paged_attention(q, cache, meta.block_tables, meta.query_start, meta.context_lens, scale,
+                          max(query_lens))
     assert rel_err(out, ref) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
 
 
@@ -183,7 +184,7 @@ def test_paged_decode_split_kv(dtype, heads, kv_heads, head_dim, contexts, split
     q = torch.randn(len(contexts), heads, head_dim, device=DEV, dtype=dtype)
     scale = head_dim ** -0.5
     ref = TorchAttention().forward(q.double(), cache.double(), meta, scale)
-    out = paged_decode(q, cache, meta, scale, splits=splits)
+    out = paged_decode(q, cache, meta.block_tables, meta.context_lens, scale, splits=splits)
     assert rel_err(out, ref) < TOL[dtype] * (3 if dtype == torch.float32 else 1)
 
 
@@ -196,18 +197,15 @@ def test_paged_decode_graph_replays_for_new_contexts():
     q = torch.randn(batch, heads, head_dim, device=DEV, dtype=torch.bfloat16)
     meta = random_batch([1, 1], [40, 900], 16, num_blocks=512)
     tables = torch.zeros(batch, 512 // batch, dtype=torch.int32, device=DEV)
-    static = AttentionMetadata(
-        query_start=meta.query_start, context_lens=meta.context_lens.clone(), block_tables=tables,
-        slot_mapping=meta.slot_mapping, block_size=16, query_start_host=[0, 1, 2],
-        context_lens_host=[40, 900], num_decode_only=True, graph_batch_size=batch)
+    context_lens = meta.context_lens.clone()   # the graph's static inputs: tables and lengths
     out = torch.empty_like(q)
-    paged_decode(q, cache, static, head_dim ** -0.5, out=out)  # compile outside the capture
+    paged_decode(q, cache, tables, context_lens, head_dim ** -0.5, out=out)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_decode(q, cache, static, head_dim ** -0.5, out=out)
+        paged_decode(q, cache, tables, context_lens, head_dim ** -0.5, out=out)
     for contexts in ([40, 900], [1, 2000], [1500, 3]):
         meta = random_batch([1, 1], contexts, 16, num_blocks=512)
-        static.context_lens.copy_(meta.context_lens)
+        context_lens.copy_(meta.context_lens)
         tables.zero_()
         tables[:, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         graph.replay()

@@ -158,5 +158,5 @@ class FlashInferAttention(AttentionBackend):
         if q.stride(-2) != q.shape[-1] or q.stride(0) != q.shape[1] * q.shape[2]:
             q = q.contiguous()  # the kernels take q packed
         if self._split_decode:
-            return paged_decode(q, kv_cache, meta, scale)
+            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
         return self.active.run(q, kv_cache)

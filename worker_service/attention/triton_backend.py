@@ -27,5 +27,6 @@ class TritonAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         if meta.num_decode_only:
-            return paged_decode(q, kv_cache, meta, scale)
-        return paged_attention(q, kv_cache, meta, scale, self._max_query_len)
+            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
+        return paged_attention(q, kv_cache, meta.block_tables, meta.query_start, meta.context_lens,
+                               scale, self._max_query_len)

@@ -5,5 +5,6 @@ tensor_parallel.py  the transform that shards a built LlamaModel across a stage'
 pipeline.py         the transform that keeps one stage's layers, and the runner of a stage
 handoff.py          ZeroMQ: plan bytes to every rank, hidden states stage to stage, liveness
 replica.py          one rank's process: build its shard, then drive (rank 0) or follow
-service.py          rank 0's gRPC Worker service, forwarding plan bytes as they arrived
+service.py          a rank's process: rank 0 serves the Worker service (server.py) around the
+                    driver, the others follow it
 """

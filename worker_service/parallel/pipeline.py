@@ -3,7 +3,7 @@ embeds, the last also norms and computes logits. Between stages travel the hidde
 the running residual (two tensors), so a split model does exactly the additions of a whole one.
 
 StageRunner is the ModelRunner of one rank: the same plan checks, per-sequence state and
-sampling, with a stage model in place of the whole model.
+sampling, with a stage model (or a TP shard) in place of the whole model.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from protos.batch_plan import BatchPlan, StepOutput
+from worker_service import memory
 from worker_service.models.llama import LlamaModel
 from worker_service.parallel.layout import split_layers
-from worker_service.runner import HostBatch, LaunchedStep, ModelRunner
+from worker_service.runner import HostBatch, ModelRunner
 
 
 class HiddenLink(Protocol):
@@ -84,10 +85,24 @@ class StageRunner(ModelRunner):
         super().__init__(model, device, dtype, cuda_graphs=graphs)
         self.samples = samples
 
-    def launch(self, plan: BatchPlan) -> LaunchedStep:
+    def before_forward(self, plan: BatchPlan, batch: HostBatch) -> HostBatch:
         if isinstance(self.model, PipelineStage):
             self.model.step_id = plan.step_id
-        return super().launch(plan)
+        if not self.samples:
+            batch = dataclasses.replace(batch, sample_rows=[], sample_seqs=[])
+        return batch
+
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+        """This rank's KV bytes, as ModelRunner's, but with a worst-case iteration's activations
+        estimated from the shapes: one rank cannot run a trial forward alone, since its
+        collectives and handoffs need every rank."""
+        if self.device.type != "cuda":
+            return memory.host_kv_budget(fraction)
+        tokens = memory.worst_case_tokens(self.config, max_num_tokens)  # this rank's shard
+        activations = memory.activation_bytes_estimate(self.config, self.dtype, tokens, self.samples)
+        return memory.device_kv_budget(self.device, fraction,
+                                       torch.cuda.memory_allocated(self.device) + activations,
+                                       self.graph_room_bytes(activations))
 
     def apply_sampled(self, out: StepOutput) -> None:
         if self.samples:
@@ -96,8 +111,3 @@ class StageRunner(ModelRunner):
             state = self.seqs.get(seq_id)
             if state is not None:
                 state.token_ids.append(token)
-
-    def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
-        if not self.samples:
-            batch = dataclasses.replace(batch, sample_rows=[], sample_seqs=[])
-        return super()._forward(batch, step)

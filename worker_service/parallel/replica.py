@@ -12,12 +12,11 @@ Per iteration (one plan):
 from __future__ import annotations
 
 import json
-import logging
-import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,6 +25,8 @@ import torch.distributed as dist
 
 from protos import worker_pb2
 from protos.batch_plan import BatchPlan, StepOutput
+from worker_service import memory
+from worker_service.executor import ExecutorBroken, PlanError
 from worker_service.models.config import ModelConfig
 from worker_service.models.llama import LlamaModel
 from worker_service.parallel.handoff import (
@@ -46,9 +47,6 @@ from worker_service.parallel.handoff import (
 from worker_service.parallel.layout import ReplicaLayout, split_layers
 from worker_service.parallel.pipeline import StageRunner, slice_stage
 from worker_service.parallel.tensor_parallel import COMM, head_shard, shard_model, shard_weight
-from worker_service.runner import PlanError
-
-log = logging.getLogger("sarathi.replica")
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=600)   # a dead peer is caught by heartbeats much sooner
 
@@ -147,36 +145,12 @@ def build_rank(layout: ReplicaLayout, rank: int, load: Callable[..., torch.nn.Mo
 
 def rank_bytes_per_block(layout: ReplicaLayout, config: ModelConfig, rank: int, block_size: int,
                          dtype: torch.dtype) -> int:
-    """KV bytes one block takes on `rank`: its stage's layers, its share of the KV heads."""
+    """KV bytes one block takes on `rank` (any rank: rank 0 knows them all from the layout): its
+    stage's layers, its share of the KV heads."""
     layers = len(split_layers(config.num_layers, layout.pp_size)[layout.stage_of(rank)])
     kv_heads = head_shard(config.num_heads, config.num_kv_heads, layout.tp_rank_of(rank),
                           layout.tp_size).num_kv_heads if layout.tp_size > 1 else config.num_kv_heads
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return layers * 2 * block_size * kv_heads * config.head_dim * elem
-
-
-def kv_budget_bytes(runner: StageRunner, max_num_tokens: int, fraction: float) -> int:
-    """Bytes this rank's KV cache may take. On a GPU: `fraction` of its memory, less what torch
-    holds now (the weights), what lives outside torch (CUDA context, NCCL buffers) and an
-    estimate of a worst-case iteration's activations: one rank cannot run a trial forward
-    alone, as ModelRunner.profile_free_memory does, since its collectives need every rank.
-    On the CPU: available RAM times `fraction`."""
-    device = runner.device
-    if device.type != "cuda":
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
-    free, total = torch.cuda.mem_get_info(device)
-    outside_torch = total - free - torch.cuda.memory_reserved(device)
-    c = runner.config  # this rank's shard
-    elem = torch.tensor([], dtype=runner.dtype).element_size()
-    tokens = max(1, min(max_num_tokens, c.max_model_len))
-    # Per token: hidden, residual and norm output, q/k/v and attention output, gate/up and the
-    # activation; logits (float32, local and gathered) for up to 256 sampled rows.
-    width = 4 * c.hidden_size + 3 * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim \
-        + 3 * c.intermediate_size
-    logits = 3 * 256 * c.vocab_size * 4 if runner.samples else 0
-    activations = tokens * width * elem + logits + (256 << 20)  # + attention workspace
-    return max(0, int(total * fraction - torch.cuda.memory_allocated(device) - outside_torch
-                      - activations - runner.graph_room_bytes(activations)))
+    return memory.kv_block_bytes(layers, kv_heads, config.head_dim, block_size, dtype)
 
 
 # --- ranks other than 0 -------------------------------------------------------------------
@@ -196,7 +170,7 @@ def follow(r: Rank) -> None:
             reset_comm_stats()
         elif kind == MEMORY_REQUEST:
             ask = json.loads(frames[0])
-            budget = kv_budget_bytes(runner, ask["tokens"], ask["fraction"])
+            budget = runner.profile_free_memory(ask["tokens"], ask["fraction"])
             r.outbox.send(0, MEMORY_REPLY, json.dumps(dict(bytes=budget, rank=r.rank)).encode())
         elif kind == PLAN:
             for result in frames[1:]:
@@ -221,11 +195,22 @@ class _Flight:
     seq_ids: set[int]
 
 
+@contextmanager
+def _breaks_replica() -> Iterator[None]:
+    """Any failure but a PlanError means a collective or handoff broke: the ranks are out of
+    step, and nothing this replica computes can be trusted again."""
+    try:
+        yield
+    except PlanError:
+        raise
+    except Exception as e:
+        raise ExecutorBroken(f"replica failed: {e!r}") from e
+
+
 class ReplicaDriver:
-    """Rank 0: what the gRPC Worker service drives. Looks like a ModelRunner to the service
-    (config, device, dtype, bytes_per_block, init_cache), but runs plan *bytes*, split in two
-    halves so that a pipeline can hold several micro-batches: dispatch() sends a plan into the
-    replica and runs rank 0's own part; collect() waits for its sampled tokens. Up to pp_size
+    """Rank 0: the executor (executor.py) the gRPC Worker service drives for a whole replica.
+    dispatch() sends a plan's bytes into the replica and runs rank 0's own part; collect() waits
+    for its sampled tokens, so that a pipeline can hold several micro-batches. Up to pp_size
     plans are in flight at once, as long as no sequence is in two of them (its next chunk needs
     the token or KV entries of the previous one); a plan that would break this waits in
     dispatch() until the earlier micro-batch is collected. Call dispatch from one thread and
@@ -281,6 +266,15 @@ class ReplicaDriver:
 
     def dispatch(self, plan_bytes: bytes) -> int:
         """Sends the plan to every rank and runs rank 0's part of it; returns its step id."""
+        with _breaks_replica():
+            return self._dispatch(plan_bytes)
+
+    def collect(self, step_id: int) -> bytes:
+        """The StepResult bytes of a dispatched plan (the oldest one not yet collected)."""
+        with _breaks_replica():
+            return self._collect(step_id)
+
+    def _dispatch(self, plan_bytes: bytes) -> int:
         msg = worker_pb2.BatchPlan.FromString(plan_bytes)
         touched = set(msg.seq_ids) | set(msg.dropped_seq_ids)
         with self._cond:
@@ -297,8 +291,7 @@ class ReplicaDriver:
             self._local[msg.step_id] = out.to_proto().SerializeToString()
         return msg.step_id
 
-    def collect(self, step_id: int) -> bytes:
-        """The StepResult bytes of a dispatched plan (the oldest one not yet collected)."""
+    def _collect(self, step_id: int) -> bytes:
         result = self._local.pop(step_id) if self.layout.pp_size == 1 else self._wait_result(step_id)
         with self._cond:
             flight = self._in_flight.popleft()
@@ -326,16 +319,13 @@ class ReplicaDriver:
         return self._ask_all(STATS_REQUEST, STATS_REPLY, own)
 
     def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
-        """KV bytes for the worker's Describe, which divides them by bytes_per_block (the largest
-        rank's block): every rank reports its budget, and the answer is the most tokens that
-        fit on the tightest rank, in units of the largest rank's bytes per token."""
+        """KV bytes for the worker's Describe: every rank reports its own budget."""
         ask = json.dumps(dict(tokens=max_num_tokens, fraction=fraction)).encode()
-        budgets = self._ask_all(MEMORY_REQUEST, MEMORY_REPLY,
-                                dict(bytes=kv_budget_bytes(self.runner, max_num_tokens, fraction)), ask)
+        own = dict(bytes=self.runner.profile_free_memory(max_num_tokens, fraction))
+        budgets = [b["bytes"] for b in self._ask_all(MEMORY_REQUEST, MEMORY_REPLY, own, ask)]
         per_token = [rank_bytes_per_block(self.layout, self.config, k, 1, self.dtype)
                      for k in range(self.layout.world_size)]
-        tokens = min(b["bytes"] // t for b, t in zip(budgets, per_token, strict=True))
-        return tokens * max(per_token)
+        return memory.replica_kv_budget(budgets, per_token)
 
     def _wait_result(self, step_id: int) -> bytes:
         start = time.perf_counter_ns()
@@ -368,10 +358,3 @@ def comm_stats() -> dict[str, int]:
 def reset_comm_stats() -> None:
     STATS.reset()
     COMM.calls = COMM.bytes = COMM.ns = 0
-
-
-def exit_now(code: int) -> None:
-    """Ends the process without waiting for threads or gloo teardown (which may hang on a dead
-    peer)."""
-    logging.shutdown()
-    os._exit(code)
