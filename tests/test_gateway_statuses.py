@@ -5,6 +5,7 @@ to return every status on demand, and it does not check tokens yet)."""
 
 from __future__ import annotations
 
+import json
 from concurrent import futures
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc
 from sarathi.client import Client, ResourceExhausted, Unauthenticated
+from sarathi.gateway.protocol import Responder
 from sarathi_common.net import free_port
 
 openai = pytest.importorskip("openai")
@@ -98,3 +100,12 @@ def test_the_client_library_types_the_same_statuses(upstream):
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
         assert client.complete("x").finish_reason == "stop"
     assert upstream[1].metadata[-1]["authorization"] == "Bearer t0k"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_token_s_prebuilt_event_is_the_chunk_it_stands_for(chat):
+    responder = Responder(chat, 'a "model"')
+    for text in ("Hi", ' "quoted" \\ back', "\n", "日本語 🙂", "</script>"):
+        event_bytes = responder.token_event(text)
+        assert event_bytes.startswith(b"data: ") and event_bytes.endswith(b"\n\n")
+        assert json.loads(event_bytes[6:]) == responder.chunk(text)

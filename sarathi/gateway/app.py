@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from sarathi.client import TLS, AsyncClient, Completion, ModelInfo, SarathiError
 from sarathi.client.messages import NO_RETRY, Collector, Delta
 from sarathi.gateway.config import GatewayConfig
-from sarathi.gateway.protocol import ApiError, Parsed, Responder, parse_chat, parse_completion
+from sarathi.gateway.protocol import ApiError, Parsed, Responder, event, parse_chat, parse_completion
 
 log = logging.getLogger("sarathi.gateway")
 
@@ -34,11 +34,6 @@ log = logging.getLogger("sarathi.gateway")
 def error_response(error: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-def _sse(body: dict | str) -> bytes:
-    data = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -211,20 +206,22 @@ class Gateway:
             try:
                 opening = responder.first_chunk()
                 if opening is not None:
-                    yield _sse(opening)
+                    yield event(opening)
                 delta: Delta | None = first
                 while delta is not None:
-                    chunk = responder.delta_chunk(delta)
-                    if chunk is not None:
-                        yield _sse(chunk)
+                    if delta.finish_reason is None:
+                        if delta.text:  # (a token that completes no character yet sends nothing)
+                            yield responder.token_event(delta.text)
+                    else:
+                        yield event(responder.final_chunk(delta))
                     if delta.usage is not None and parsed.include_usage:
-                        yield _sse(responder.usage_chunk(delta.usage))
+                        yield event(responder.usage_chunk(delta.usage))
                     delta = await anext(deltas, None)
-                yield _sse("[DONE]")
+                yield event("[DONE]")
             except SarathiError as e:
-                yield _sse(ApiError.from_grpc(e.code, e.details).body())
+                yield event(ApiError.from_grpc(e.code, e.details).body())
             except ApiError as e:
-                yield _sse(e.body())
+                yield event(e.body())
             finally:
                 await deltas.aclose()  # type: ignore[attr-defined]
 
