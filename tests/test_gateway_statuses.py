@@ -5,7 +5,10 @@ to return every status on demand, and it does not check tokens yet)."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -25,10 +28,16 @@ openai = pytest.importorskip("openai")
 class StandIn(generation_pb2_grpc.GenerationServicer):
     def __init__(self):
         self.metadata: list[dict[str, str]] = []
+        self.cancelled = threading.Event()
 
     def Generate(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
         text = request.text or request.chat.messages[-1].content
+        if text == "hang":  # no token until the call is cancelled
+            context.add_callback(self.cancelled.set)
+            while context.is_active():
+                time.sleep(0.01)
+            return
         if text.startswith("status:"):
             context.abort(getattr(grpc.StatusCode, text.removeprefix("status:")), f"the upstream says {text}")
         yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[7], text="Hi"))
@@ -89,6 +98,22 @@ def test_a_stream_that_breaks_ends_with_an_error_event(sdk):
     with pytest.raises(openai.APIStatusError) as err:  # an aborted request is a 503, not an answer
         sdk.completions.create(model="m", prompt="abort")
     assert err.value.status_code == 503
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_caller_that_leaves_before_the_first_token_cancels_the_upstream_call(sdk, upstream, stream):
+    servicer = upstream[1]
+    servicer.cancelled.clear()
+    port = int(str(sdk.base_url).split(":")[2].split("/")[0])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "hang", "stream": stream}),
+                 {"Content-Type": "application/json"})
+    time.sleep(0.5)  # the gateway is waiting for the first token
+    assert not servicer.cancelled.is_set()
+    left = time.monotonic()
+    conn.sock.close()
+    assert servicer.cancelled.wait(5)
+    print(f"upstream call cancelled {(time.monotonic() - left) * 1000:.0f} ms after the caller left")
 
 
 def test_the_client_library_types_the_same_statuses(upstream):
