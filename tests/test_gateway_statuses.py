@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
+import subprocess
 import threading
 import time
 from concurrent import futures
@@ -18,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc
-from sarathi.client import Client, ResourceExhausted, Unauthenticated
+from sarathi.client import NO_RETRY, TLS, Client, ResourceExhausted, Unauthenticated, Unavailable
 from sarathi.gateway.protocol import Responder
 from sarathi_common.net import free_port
 
@@ -51,8 +53,7 @@ class StandIn(generation_pb2_grpc.GenerationServicer):
         return pb.ModelInfoResponse(model="stand-in", max_model_len=64)
 
 
-@pytest.fixture(scope="module")
-def upstream():
+def stand_in(credentials: grpc.ServerCredentials | None = None):
     servicer = StandIn()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
@@ -60,9 +61,18 @@ def upstream():
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if credentials is None:
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        server.add_secure_port(f"127.0.0.1:{port}", credentials)
     server.start()
-    yield f"127.0.0.1:{port}", servicer
+    return server, f"127.0.0.1:{port}", servicer
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server, address, servicer = stand_in()
+    yield address, servicer
     server.stop(0)
 
 
@@ -134,3 +144,29 @@ def test_a_token_s_prebuilt_event_is_the_chunk_it_stands_for(chat):
         event_bytes = responder.token_event(text)
         assert event_bytes.startswith(b"data: ") and event_bytes.endswith(b"\n\n")
         assert json.loads(event_bytes[6:]) == responder.chunk(text)
+
+
+def test_tls_upstream_for_the_client_and_the_gateway(tmp_path):
+    """A self-signed certificate for 127.0.0.1: the client and the gateway trust it by --upstream-ca;
+    without it the connection fails."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=sarathi", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server, address, _ = stand_in(grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    try:
+        with Client(address, tls=TLS(ca_file=str(cert)), retry=NO_RETRY) as client:
+            assert client.complete("x").text == "Hi"
+        with Client(address, tls=True, retry=NO_RETRY) as client, pytest.raises(Unavailable):
+            client.complete("x")  # the system's roots do not know this certificate
+        gateway = start_gateway(address, "--upstream-ca", str(cert))
+        try:
+            sdk = openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0, timeout=30)
+            assert sdk.completions.create(model="m", prompt="x").choices[0].text == "Hi"
+        finally:
+            gateway.stop()
+    finally:
+        server.stop(0)
