@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from sarathi.cli import build_parser
 from sarathi_common.net import free_port
 

@@ -154,7 +154,8 @@ def test_tls_upstream_for_the_client_and_the_gateway(tmp_path):
         pytest.skip("openssl is not installed")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=sarathi", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                    "-subj", "/CN=sarathi", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     server, address, _ = stand_in(grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
     try:
