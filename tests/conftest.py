@@ -72,6 +72,62 @@ def start_server(*args: str, timeout: float = 300) -> RunningServer:
     return server
 
 
+@dataclass
+class RunningGateway:
+    """A `sarathi gateway` process: the OpenAI-compatible API at `base_url`."""
+
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Waits until `url` answers HTTP at all (any status)."""
+    import urllib.error
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process exited with code {proc.returncode} before answering {url}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def start_gateway(upstream: str, *args: str, api_key: str | None = None,
+                  timeout: float = 60) -> RunningGateway:
+    """A gateway in front of `upstream`; its key (if any) comes from the environment."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SARATHI_API_KEY"}
+    if api_key is not None:
+        env["SARATHI_API_KEY"] = api_key
+    cmd = [sys.executable, "-m", "sarathi.cli", "gateway", "--upstream", upstream, "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=dies_with_this_process())
+    gateway = RunningGateway(port, proc)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout, proc)
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
 @pytest.fixture
 def server_factory() -> Iterator:
     """Servers for one test, stopped when it ends (each holds a model and a KV cache)."""

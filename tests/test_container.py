@@ -11,7 +11,6 @@ Ports are published on 127.0.0.1 only; the split runs on a Docker network made b
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import time
@@ -95,14 +94,14 @@ def wait_serving(address: str, containers: list[DockerContainer]) -> float:
 
 
 def ask(address: str) -> str:
-    from sarathi.client import generate
+    from sarathi.client import Client
 
-    out = io.StringIO()
-    first, finished = generate(address, QUESTION, chat=True, max_tokens=32, temperature=0.0,
-                               seed=None, stop=[], out=out)
-    assert first is not None, "no streamed chunk before the final message"
-    assert finished is not None and finished.usage.completion_tokens > 0
-    return out.getvalue()
+    with Client(address) as client:
+        answer = client.complete(messages=[{"role": "user", "content": QUESTION}], max_tokens=32,
+                                 temperature=0.0)
+    assert answer.time_to_first_token_s is not None, "no streamed chunk before the final message"
+    assert answer.usage.completion_tokens > 0
+    return answer.text
 
 
 def test_single_container_serves_read_only():

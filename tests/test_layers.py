@@ -1,5 +1,5 @@
 """The import layers hold (.importlinter), and breaking one fails the check: an `import torch` in
-the scheduler, or a kernel importing the worker."""
+the scheduler or the gateway, or a kernel importing the worker."""
 
 from __future__ import annotations
 
@@ -55,8 +55,16 @@ def test_a_kernel_importing_the_worker_breaks_a_contract(copy_of_the_code):
     assert "kernels import nothing of the services BROKEN" in result.stdout
 
 
+def test_a_torch_import_in_the_gateway_breaks_a_contract(copy_of_the_code):
+    app = copy_of_the_code / "sarathi" / "gateway" / "app.py"
+    app.write_text(app.read_text() + "\nimport torch  # noqa\n")
+    result = lint_imports(copy_of_the_code)
+    assert result.returncode != 0
+    assert "sarathi.gateway is not allowed to import torch" in result.stdout
+
+
 def test_importing_the_cli_module_breaks_a_contract(copy_of_the_code):
-    client = copy_of_the_code / "sarathi" / "client.py"
+    client = copy_of_the_code / "sarathi" / "client" / "__init__.py"
     client.write_text(client.read_text() + "\nimport sarathi.cli  # noqa\n")
     result = lint_imports(copy_of_the_code)
     assert result.returncode != 0

@@ -1,0 +1,3 @@
+from sarathi.gateway.main import main
+
+main()
