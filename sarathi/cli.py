@@ -70,7 +70,10 @@ def serve_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, WorkerConf
     from sarathi_common.net import free_port
 
     scheduler = from_namespace(SchedulerConfig, args)
-    worker = from_namespace(WorkerConfig, args, host="127.0.0.1", port=args.worker_port or free_port())
+    worker_port = args.worker_port
+    while worker_port is None or worker_port == scheduler.port:  # the API port may not be bound yet
+        worker_port = free_port()
+    worker = from_namespace(WorkerConfig, args, host="127.0.0.1", port=worker_port)
     return scheduler, serve_worker_config(worker, scheduler, worker.port)
 
 
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API on this port (a `sarathi gateway` "
                         "process; it takes its API key from $SARATHI_API_KEY)")
-    add_options(p, WorkerConfig, skip=_ADDRESS)
+    add_options(p, WorkerConfig, skip=(*_ADDRESS, "scheduler", "advertise", "drain_seconds"))
     add_options(p, SchedulerConfig, skip=(*_ADDRESS, "worker", "model"))
 
     p = sub.add_parser("worker", help="a worker service (model shard + KV cache)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -121,17 +122,18 @@ class Engine:
         for address in self.config.worker_addresses:
             self._dial(address)
 
-    def _dial(self, address: str) -> None:
+    def _dial(self, address: str, delay_s: float = 0.0) -> None:
         """Connects to a worker in the background (Describe can run a profiling forward)."""
         if address in self.dialling or any(r.address == address for r in self.replicas.values()):
             return
         self.dialling.add(address)
-        threading.Thread(target=self._connect, args=(address,), daemon=True,
+        threading.Thread(target=self._connect, args=(address, delay_s), daemon=True,
                          name=f"dial-{address}").start()
 
-    def _connect(self, address: str) -> None:
+    def _connect(self, address: str, delay_s: float) -> None:
         cfg = self.config
         named = address in cfg.worker_addresses
+        self._stopped.wait(delay_s)
         while not self._stopped.is_set():
             link = WorkerLink(address)
             try:
@@ -198,8 +200,10 @@ class Engine:
         log.warning("replica %d (%s) %s: %s; %d requests %s", replica.id, replica.address, change, reason,
                     len(moved), "replayed" if self.config.replay else "failed")
         self._membership(change, replica, len(moved) if self.config.replay else 0, reason)
-        if replica.address in self.config.worker_addresses and change == "lost":
-            self._dial(replica.address)
+        if replica.address in self.config.worker_addresses:
+            # A named worker is ours: once it is back (restarted, or a new pod at its address),
+            # it serves again. A drained one is leaving now: try it a little later.
+            self._dial(replica.address, delay_s=0.0 if change == "lost" else REDIAL_S)
 
     def _membership(self, change: str, replica: Replica, replayed: int = 0, reason: str = "") -> None:
         serving = [r for r in self.replicas.values() if not r.draining]
@@ -370,6 +374,7 @@ class Engine:
 def run_engine(config: EngineConfig, parent_pid: int) -> None:
     """Process entry point. Reports a fatal error to the frontend instead of dying silently."""
     exit_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the frontend's to handle (it drains)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     engine = Engine(config)
     try:

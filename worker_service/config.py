@@ -3,6 +3,7 @@ CLI and `serve`'s supervisor build it without loading the worker)."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from sarathi_common.options import option
@@ -10,6 +11,8 @@ from sarathi_common.options import option
 HYBRID_GRAPH_TOKENS = 512  # the default: the largest size measured on an H100
 
 _LAYOUT = "replica layout (tensor and pipeline parallelism)"
+_MEMBERSHIP = "membership and shutdown"
+JOIN_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,25 @@ class WorkerConfig:
         None, "host:port of every rank's ZeroMQ mailbox, comma-separated, in rank order", group=_LAYOUT)
     dist_init: str | None = option(None, "host:port of torch.distributed's store (rank 0's host)",
                                    group=_LAYOUT)
+    scheduler: str | None = option(
+        None, "host:port of a scheduler to join: the worker announces itself there, and again every "
+              f"{JOIN_INTERVAL_S:g} s (so a restarted scheduler finds it again)", group=_MEMBERSHIP)
+    advertise: str | None = option(
+        None, "host:port where the scheduler reaches this worker (default: --host:--port, the host "
+              "name when listening on every address)", group=_MEMBERSHIP)
+    drain_seconds: float = option(
+        30.0, "on SIGTERM: tell the scheduler (it moves or finishes this worker's requests and takes "
+              "no new ones here), wait for it to let go for up to this long, then exit 0", group=_MEMBERSHIP)
 
     # What a rank that this worker starts inherits: the model and how to run it, not where to listen.
     SHARED = ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
               "cuda_graphs", "hybrid_graph_tokens", "tensor_parallel_size", "pipeline_parallel_size")
+
+    def advertised_address(self) -> str:
+        if self.advertise:
+            return self.advertise
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
+        return f"{host}:{self.port}"
 
     @property
     def world_size(self) -> int:

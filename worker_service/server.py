@@ -12,16 +12,17 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any, NoReturn
 
 import grpc
 
-from protos import worker_pb2
+from protos import worker_pb2, worker_pb2_grpc
 from sarathi_common.lifecycle import exit_now
 from worker_service import memory
-from worker_service.config import WorkerConfig
+from worker_service.config import JOIN_INTERVAL_S, WorkerConfig
 from worker_service.executor import Executor, ExecutorBroken, PlanError
 
 log = logging.getLogger("sarathi.worker")
@@ -31,6 +32,12 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BROKEN_EXIT_CODE = 4
 BROKEN_EXIT_DELAY_S = 0.5   # for the UNAVAILABLE status to reach the scheduler first
+IDLE_S = 0.5   # draining: no plan for this long and none in flight, the scheduler has no work here
+
+
+# StepResult field 5 (`draining`), true, as encoded bytes. Protobuf merges concatenated messages,
+# so appending it to a result the executor serialized marks that result without parsing it.
+_DRAINING_FIELD = b"\x28\x01"
 
 
 class WorkerService:
@@ -39,6 +46,18 @@ class WorkerService:
         self.weight_bytes = weight_bytes
         self.cpu_cache_limit = cpu_cache_limit
         self._stream_lock = threading.Lock()
+        self.draining = threading.Event()     # SIGTERM: results tell the scheduler to let go
+        # Plans dispatched and results sent (one writer each: the feeder, the stream's thread).
+        self.dispatched = 0
+        self.sent = 0
+        self.last_plan = 0.0                  # monotonic time of the latest plan
+
+    def streaming(self) -> bool:
+        """A scheduler holds the Step stream."""
+        if self._stream_lock.acquire(blocking=False):
+            self._stream_lock.release()
+            return False
+        return True
 
     def Describe(self, request, context):
         block_size = request.block_size or 16
@@ -88,8 +107,10 @@ class WorkerService:
                     result = self.executor.collect(item)
                 except (PlanError, ExecutorBroken) as e:
                     self._fail(e, context)
-                yield result
+                self.sent += 1
+                yield result + _DRAINING_FIELD if self.draining.is_set() else result
         finally:
+            self.sent = self.dispatched
             self._end_stream(feeding, closed)
 
     def _feed(self, request_iterator: Iterator[bytes], dispatched: queue.SimpleQueue,
@@ -99,6 +120,8 @@ class WorkerService:
                 with feeding:
                     if closed.is_set():
                         return
+                    self.dispatched += 1
+                    self.last_plan = time.monotonic()
                     handle = self.executor.dispatch(plan)
                 dispatched.put(handle)
         except grpc.RpcError:
@@ -153,24 +176,67 @@ def method_handlers(svc: WorkerService) -> dict[str, grpc.RpcMethodHandler]:
 
 def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: int,
                  name: str = "worker") -> None:
-    """Serves the Worker service on config's address until SIGTERM, which stops the executor
-    and the server. `name`: how this process signs its log lines."""
+    """Serves the Worker service on config's address until SIGTERM or SIGINT, then drains
+    (drain_and_stop). With config.scheduler, joins that scheduler and keeps announcing itself.
+    `name`: how this process signs its log lines."""
     # The dispatch thread holds the GIL for the whole of an eager step's kernel launches (tens
     # of ms for a hybrid step); at Python's default 5 ms switch interval the thread that returns
     # the previous step's tokens waits that long, and so does the scheduler's next plan.
     sys.setswitchinterval(5e-4)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
-    handlers = method_handlers(WorkerService(executor, weight_bytes, config.cpu_cache_bytes))
+    service = WorkerService(executor, weight_bytes, config.cpu_cache_bytes)
+    handlers = method_handlers(service)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}: is the port in use?")
     server.start()
     print(f"{name}: listening on {config.host}:{config.port}", flush=True)
+    if config.scheduler:
+        threading.Thread(target=announce, args=(config, service.draining, name), daemon=True,
+                         name="worker-join").start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    drain_and_stop(service, config.drain_seconds, name)
+    executor.stop()
+    server.stop(0)
 
-    def on_term(*_):
-        executor.stop()
-        server.stop(0)
 
-    signal.signal(signal.SIGTERM, on_term)
-    server.wait_for_termination()
+def drain_and_stop(service: WorkerService, drain_s: float, name: str) -> None:
+    """Marks every result from now on `draining`, so the scheduler places nothing new here and
+    moves or finishes this worker's requests, then closes the stream. Returns once it has, once
+    the worker sits idle (no plan for a while: nothing of a scheduler's would be lost), or after
+    drain_s seconds."""
+    service.draining.set()
+    log.info("%s: shutting down; the scheduler has %g s to let go", name, drain_s)
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline:
+        if not service.streaming():
+            return
+        if service.dispatched == service.sent and time.monotonic() - service.last_plan > IDLE_S:
+            return
+        time.sleep(0.05)
+    log.warning("%s: the scheduler still held the stream after %g s", name, drain_s)
+
+
+def announce(config: WorkerConfig, draining: threading.Event, name: str) -> None:
+    """Joins the scheduler, then says so again every JOIN_INTERVAL_S (a scheduler that restarted
+    learns its workers back; one that lost this worker dials it again)."""
+    address = config.advertised_address()
+    channel = grpc.insecure_channel(config.scheduler)
+    stub = worker_pb2_grpc.MembershipStub(channel)
+    joined = False
+    while not draining.is_set():
+        try:
+            stub.Join(worker_pb2.JoinRequest(address=address), timeout=5)
+            if not joined:
+                print(f"{name}: joined the scheduler at {config.scheduler} as {address}", flush=True)
+            joined = True
+        except grpc.RpcError as e:
+            if joined or e.code() != grpc.StatusCode.UNAVAILABLE:
+                log.warning("%s: the scheduler at %s: %s", name, config.scheduler, e.code().name)
+            joined = False
+        draining.wait(JOIN_INTERVAL_S)
+    channel.close()
