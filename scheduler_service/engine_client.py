@@ -46,10 +46,6 @@ MAX_RESTARTS = 3            # engine deaths within RESTART_WINDOW_S before the s
 RESTART_WINDOW_S = 60.0
 
 
-class EngineUnavailable(RuntimeError):
-    """The engine cannot take commands now (it died and is being restarted)."""
-
-
 @dataclass
 class Stream:
     """One open Generate call: its mailbox, what it asked for, and the tokens it has received."""
@@ -70,7 +66,10 @@ class EngineClient:
         self.update_address = f"ipc://{self._dir}/updates"
         self.updates = self.ctx.socket(zmq.PULL)
         self.updates.bind(self.update_address)
-        self.commands: zmq.asyncio.Socket | None = None
+        # Commands go out through a plain socket: its non-blocking send says at once whether the
+        # message left (an asyncio socket's send only returns a future).
+        self.command_ctx = zmq.Context()
+        self.commands: zmq.Socket | None = None
         self.process: multiprocessing.Process | None = None
         self.streams: dict[int, Stream] = {}
         self.joined: set[str] = set()            # workers that announced themselves
@@ -82,15 +81,17 @@ class EngineClient:
         self._restarts: list[float] = []
         self._incarnation = 0
         self._trace_waiters: list[asyncio.Future] = []
+        self._unsent: list[bytes] = []           # commands waiting for the engine to connect
 
     # --- the engine process -----------------------------------------------------------------------
     def start(self) -> None:
         """A new engine process with a fresh command socket."""
         if self.commands is not None:
             self.commands.close(linger=0)   # drops what the dead engine never read
+        self._unsent.clear()
         self._incarnation += 1
         command_address = f"ipc://{self._dir}/commands-{self._incarnation}"
-        self.commands = self.ctx.socket(zmq.PUSH)
+        self.commands = self.command_ctx.socket(zmq.PUSH)
         self.commands.bind(command_address)
         config = EngineConfig.from_settings(self.settings, command_address, self.update_address)
         self.process = multiprocessing.get_context("spawn").Process(
@@ -126,17 +127,25 @@ class EngineClient:
             self.process.terminate()
             self.process.join(5)
         self.ctx.destroy(linger=0)
+        self.command_ctx.destroy(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # --- commands ---------------------------------------------------------------------------------
     def send_nowait(self, msg: Command) -> None:
-        """Never waits: with the engine gone, a PUSH socket would block the event loop's caller
-        for good (the hang of a SIGTERM with streams in flight)."""
+        """Never waits: a bound PUSH socket with no engine connected (starting, or dead) would
+        block its caller for good (the hang of a SIGTERM with streams in flight). What cannot
+        leave now waits, in order, until the engine connects (read_events sends it)."""
+        self._unsent.append(encode(msg))
+        self._flush()
+
+    def _flush(self) -> None:
         assert self.commands is not None
-        try:
-            self.commands.send(encode(msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise EngineUnavailable("the engine is restarting: retry") from None
+        while self._unsent:
+            try:
+                self.commands.send(self._unsent[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._unsent.pop(0)
 
     def add_stream(self, request: AddRequest) -> Stream:
         stream = Stream(request)
@@ -154,7 +163,8 @@ class EngineClient:
     async def read_events(self, poll_ms: int = 250) -> None:
         """Routes the engine's events; between them, checks that the engine lives."""
         while True:
-            if await self.updates.poll(poll_ms):
+            self._flush()
+            if await self.updates.poll(20 if self._unsent else poll_ms):
                 self._route(decode_event(await self.updates.recv()))
             elif not self.alive() and self.fatal is None:
                 # Every event the dead engine sent is read first: a token it streamed must be

@@ -21,7 +21,7 @@ from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_g
 from protos.batch_plan import SamplingOptions
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
-from scheduler_service.engine_client import EngineClient, EngineUnavailable
+from scheduler_service.engine_client import EngineClient
 from scheduler_service.messages import (
     AbortRequest,
     AddRequest,
@@ -90,13 +90,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         scheduling_delay_ns = 0
         metrics = self.engine.metrics
         arrival = last = time.monotonic()
-        try:
-            stream = self.engine.add_stream(AddRequest(
-                seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options, max_tokens=max_tokens,
-                stop_token_ids=stop_ids, priority=request.priority, arrival_time=arrival))
-        except EngineUnavailable as e:
-            self.engine.streams.pop(seq_id, None)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        stream = self.engine.add_stream(AddRequest(
+            seq_id=seq_id, prompt_token_ids=prompt_ids, sampling=options, max_tokens=max_tokens,
+            stop_token_ids=stop_ids, priority=request.priority, arrival_time=arrival))
         try:
             while True:
                 msg = await stream.queue.get()
@@ -147,10 +143,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.stream_ended.set()
 
     def _abort(self, seq_id: int) -> None:
-        try:
-            self.engine.send_nowait(AbortRequest(seq_id))
-        except EngineUnavailable:
-            pass   # a restarted engine is never told of this stream
+        self.engine.send_nowait(AbortRequest(seq_id))
 
     async def _ready_info(self, context) -> EngineReady:
         if self.engine.fatal is not None:
@@ -246,10 +239,7 @@ class MembershipService(worker_pb2_grpc.MembershipServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address must be host:port")
         known = address in self.engine.joined
         self.engine.joined.add(address)
-        try:
-            self.engine.send_nowait(AddWorker(address))  # the engine ignores one it already has
-        except EngineUnavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        self.engine.send_nowait(AddWorker(address))  # the engine ignores one it already has
         return worker_pb2.JoinResponse(known=known)
 
 

@@ -235,7 +235,7 @@ def test_a_restarted_worker_resumes_the_streams_of_the_only_replica(cluster_fact
 
 def engine_process(scheduler: subprocess.Popen) -> psutil.Process:
     children = psutil.Process(scheduler.pid).children(recursive=True)
-    engines = [p for p in children if "multiprocessing" in " ".join(p.cmdline())]
+    engines = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
     assert len(engines) == 1, [p.cmdline() for p in children]
     return engines[0]
 

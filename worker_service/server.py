@@ -28,7 +28,12 @@ from worker_service.executor import Executor, ExecutorBroken, PlanError
 log = logging.getLogger("sarathi.worker")
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
-                ("grpc.max_receive_message_length", 256 << 20)]
+                ("grpc.max_receive_message_length", 256 << 20),
+                # The scheduler pings to find a vanished host (worker_link.py): take its pings
+                # (gRPC's default answers them with GOAWAY "too_many_pings" and a broken stream).
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                ("grpc.http2.max_ping_strikes", 0)]
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BROKEN_EXIT_CODE = 4
 BROKEN_EXIT_DELAY_S = 0.5   # for the UNAVAILABLE status to reach the scheduler first
