@@ -34,7 +34,7 @@ run_part() {  # $1: the part's most seconds; the rest: env assignments and the c
 for part in "$@"; do
     case $part in
         # Verbose, and a stuck test ends the run with every thread's stack in the log.
-        tests) run_part 360 TEST_K=parallel PYTEST_ADDOPTS="-v --timeout=200 --timeout-method=thread" \
+        tests) run_part 420 TEST_K="${TEST_K:-parallel}" PYTEST_ADDOPTS="-vv --timeout=200 --timeout-method=thread" \
             bash benchmarks/gpu_session.sh tests ;;
         replica-8b) run_part 240 REPLICA_ARGS="--model llama3-8b --layouts 1x1 2x1 --batches 1 64 --prefill 2048 8192" \
             bash benchmarks/gpu_session.sh replica ;;
