@@ -21,6 +21,9 @@
 # `bash benchmarks/smollm2_halves.sh`, then on one warm machine run `bash benchmarks/gpu_session.sh
 # smollm2` twice, carrying [".smol/a"] and then [".smol/b"]; later parts find ~/smol's copy.
 set -uo pipefail
+# NVLink multicast stays off on the lent multi-GPU machines (a program using it can take the
+# host's shared GPUs out of service): every process started from here inherits these.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 smol=~/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ "$*" = smollm2 ]; then  # carries no wheels: only moves a half into ~/smol
     mkdir -p ~/smol && cp .smol/*/smolpart.* ~/smol/
@@ -31,7 +34,14 @@ if [ "$*" = smollm2 ]; then  # carries no wheels: only moves a half into ~/smol
     exit 0
 fi
 [ -z "${SMOLLM2_GGUF:-}" ] && [ -f "$smol" ] && export SMOLLM2_GGUF=$smol
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "^WARNING: Target directory"
+# Installed once per machine (a later call on the same warm machine, or a second run of this
+# script in one call, skips it).
+ls -l .whl/ > /tmp/wheels.now
+if ! cmp -s /tmp/wheels.now /tmp/site/.wheels; then
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 \
+        | grep -v "^WARNING: Target directory"
+    cp /tmp/wheels.now /tmp/site/.wheels
+fi
 export PYTHONPATH=/tmp/site:$PWD
 python3 -m protos.generate   # stubs for the host's grpcio (a grpcio-tools wheel of that version)
 export OUT=${OUT:-/tmp/out}
@@ -73,5 +83,6 @@ for part in "$@"; do
         *) echo "unknown part $part" ;;
     esac
     echo "=== $part: exit $? ($(date -u +%T))"
+    # After every part, so that a call stopped at its limit still brings the cache back.
+    tar czf "$OUT/fi.tgz" -C ~/.cache flashinfer 2>/dev/null
 done
-tar czf "$OUT/fi.tgz" -C ~/.cache flashinfer 2>/dev/null

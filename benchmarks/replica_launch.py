@@ -33,7 +33,10 @@ def _follower(layout: ReplicaLayout, rank: int, model: str, device: torch.device
     r = build_rank(layout, rank, loader(model, dtype, attention), device, dtype)
     r.mailbox.wait_for_peers(900)
     follow(r)
-    exit_now(0)   # skip the collectives' teardown, which may wait on ranks that are already gone
+    # Rank 0 lives on (it may build another replica), so it must destroy its process group, and
+    # NCCL's teardown waits for every rank of the host: leave it together with rank 0.
+    close_rank(r)
+    exit_now(0)
 
 
 @contextmanager
@@ -53,22 +56,23 @@ def local_replica(tp: int, pp: int, model: str, device: torch.device, dtype: tor
     torch.set_num_threads(1)
     r = build_rank(layout, 0, loader(model, dtype, attention), device, dtype)
     driver = None
+    finished = False
     try:
         r.mailbox.wait_for_peers(900)
         driver = ReplicaDriver(r)
         yield driver
-        driver.stop()
-        driver = None
-        for p in procs:
-            p.join(10)
-        codes = [p.exitcode for p in procs]
-        if any(code != 0 for code in codes):
-            raise RuntimeError(f"ranks 1..{world - 1} ended with exit codes {codes}")
+        finished = True
     finally:
         if driver is not None:
-            driver.stop()
+            driver.stop()   # every rank leaves follow() and meets the others in close_rank
+        if driver is not None and all(p.exitcode in (None, 0) for p in procs):
+            close_rank(r)   # with the other ranks: NCCL's teardown waits for all of a host's ranks
+        else:               # a rank is gone or never joined: a collective teardown would wait forever
+            r.mailbox.close()
         for p in procs:
             p.join(10)
             if p.is_alive():
                 p.kill()
-        close_rank(r)
+    codes = [p.exitcode for p in procs]
+    if finished and any(code != 0 for code in codes):
+        raise RuntimeError(f"ranks 1..{world - 1} ended with exit codes {codes}")

@@ -11,6 +11,7 @@ Per iteration (one plan):
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -342,9 +343,15 @@ class ReplicaDriver:
 
 
 def close_rank(r: Rank) -> None:
-    """Leaves the replica in order (tests and benchmarks build several in one process)."""
+    """Leaves the replica in order (tests and benchmarks build several in one process). The
+    rank's CUDA graphs go first: a graph that captured NCCL collectives holds a reference on the
+    communicator, and NCCL's teardown waits until no graph refers to it (forever, otherwise)."""
     r.mailbox.close()
+    r.runner.graphs = r.runner.hybrid_graphs = None
+    gc.collect()
     if dist.is_initialized():
+        if r.runner.device.type == "cuda":
+            torch.cuda.synchronize(r.runner.device)
         dist.destroy_process_group()
 
 
