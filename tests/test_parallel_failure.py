@@ -29,7 +29,9 @@ def start_replica(tp: int, pp: int) -> tuple[str, list, dict]:
     workers = [spawn("worker", "--port", str(grpc_port), "--rank", str(rank), *TINY, *layout)
                for rank in range(world)]
     scheduler = spawn("scheduler", "--port", str(sched_port), "--worker", f"127.0.0.1:{grpc_port}",
-                      "--model", "dummy:tiny", "--chunk-size", "64")
+                      "--model", "dummy:tiny", "--chunk-size", "64",
+                      # fail fast: with replay (the default) its stream would wait for the replica
+                      "--on-replica-loss", "fail", "--replica-wait-seconds", "0")
     return f"127.0.0.1:{sched_port}", workers, {"scheduler": scheduler}
 
 

@@ -13,7 +13,7 @@ def test_every_field_of_the_proto_comes_from_the_record():
         decode_seq_ids=[1, 2, 3, 4], prefill_seq_ids=[9], num_preempted=1, kv_blocks_used=33,
         num_waiting=2, duration_s=0.5, round_trip_s=0.125,
         worker=StepTimings(queued_ns=11, prepare_ns=12, forward_ns=13, sample_ns=14, idle_ns=15,
-                           device_ns=16))
+                           device_ns=16), replica=2)
     msg = to_proto(record)
     assert {f.name for f, _ in msg.ListFields()} == {f.name for f in pb.IterationTrace.DESCRIPTOR.fields}
     assert (msg.start_s, msg.worker_queued_ns, msg.worker_device_ns) == (1.5, 11, 16)
