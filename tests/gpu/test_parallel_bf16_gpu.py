@@ -27,11 +27,11 @@ import gc
 
 import pytest
 import torch
-from sarathi.model_spec import resolve
 
 from benchmarks.replica_launch import local_replica
 from protos import worker_pb2
 from protos.batch_plan import BatchPlan, StepOutput
+from sarathi_common.model_spec import resolve
 from tests.gpu.test_runner_gpu import BLOCK, drive
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
