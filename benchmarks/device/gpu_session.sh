@@ -67,17 +67,17 @@ for part in "$@"; do
     echo "=== $part ($(date -u +%T))"
     case $part in
         tests) timeout "$limit" bash tests/gpu/run_on_device.sh ${TEST_K:+-k "$TEST_K"} ;;
-        bench) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --no-hf --out "$OUT" \
+        bench) timeout "$limit" python3 -m benchmarks.step.gpu_bench --steps 30 --no-hf --out "$OUT" \
             ${BENCH_ARGS:-} ;;
-        bench-hf) timeout "$limit" python3 benchmarks/gpu_bench.py --steps 30 --out "$OUT" \
+        bench-hf) timeout "$limit" python3 -m benchmarks.step.gpu_bench --steps 30 --out "$OUT" \
             ${BENCH_ARGS:-} ;;
-        profile) timeout "$limit" python3 benchmarks/decode_profile.py ${PROFILE_ARGS:-} ;;
-        attention) timeout "$limit" python3 benchmarks/attention_decode.py ${ATTENTION_ARGS:-} ;;
+        profile) timeout "$limit" python3 -m benchmarks.step.decode_profile ${PROFILE_ARGS:-} ;;
+        attention) timeout "$limit" python3 -m benchmarks.kernels.attention_decode ${ATTENTION_ARGS:-} ;;
         gemv) timeout "$limit" bash tests/gpu/run_on_device.sh -k gemv | tail -2
-              timeout "$limit" python3 benchmarks/gemv_sweep.py ;;
-        overhead) timeout "$limit" python3 -m benchmarks.step_overhead --model dummy:llama3-8b \
+              timeout "$limit" python3 -m benchmarks.kernels.gemv_sweep ;;
+        overhead) timeout "$limit" python3 -m benchmarks.host.step_overhead --model dummy:llama3-8b \
             --device cuda --batches 1 32 128 ${OVERHEAD_ARGS:-} ;;
-        replica) timeout "$limit" python3 -m benchmarks.replica_bench ${REPLICA_ARGS:-} ;;
+        replica) timeout "$limit" python3 -m benchmarks.replica.replica_bench ${REPLICA_ARGS:-} ;;
         capacity-strict) capacity strict ;;
         capacity-relaxed) capacity relaxed ;;
         *) echo "unknown part $part" ;;

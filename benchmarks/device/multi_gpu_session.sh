@@ -35,18 +35,18 @@ for part in "$@"; do
     case $part in
         # Verbose, and a stuck test ends the run with every thread's stack in the log.
         tests) run_part 420 TEST_K="${TEST_K:-parallel}" PYTEST_ADDOPTS="-vv --timeout=200 --timeout-method=thread" \
-            bash benchmarks/gpu_session.sh tests ;;
+            bash benchmarks/device/gpu_session.sh tests ;;
         replica-8b) run_part 240 REPLICA_ARGS="--model llama3-8b --layouts 1x1 2x1 --batches 1 64 --prefill 2048 8192" \
-            bash benchmarks/gpu_session.sh replica ;;
+            bash benchmarks/device/gpu_session.sh replica ;;
         replica-70b) run_part 300 REPLICA_ARGS="--model llama3-70b --layouts 2x1 1x2 --batches 1 64 --prefill 2048 8192" \
-            bash benchmarks/gpu_session.sh replica ;;
+            bash benchmarks/device/gpu_session.sh replica ;;
         capacity-70b) run_part 590 CAPACITY_MODEL=dummy:llama3-70b \
             CAPACITY_POLICIES="${CAPACITY_POLICIES:-sarathi:512,vllm:8192}" CAPACITY_SCALE="${CAPACITY_SCALE:-0.5}" \
             CAPACITY_RATE="${CAPACITY_RATE:-1}" CAPACITY_PROBES="${CAPACITY_PROBES:-4}" \
             CAPACITY_ARGS="--server-arg=--tensor-parallel-size=2 ${CAPACITY_ARGS:-}" \
-            bash benchmarks/gpu_session.sh capacity-strict ;;
+            bash benchmarks/device/gpu_session.sh capacity-strict ;;
         allreduce) echo "=== allreduce ($(date -u +%T))"
-            run_part 90 NCCL_DEBUG=INFO PYTHONPATH="$PWD" timeout 90 python3 -m benchmarks.allreduce_latency 2>&1 \
+            run_part 90 NCCL_DEBUG=INFO PYTHONPATH="$PWD" timeout 90 python3 -m benchmarks.replica.allreduce_latency 2>&1 \
                 | grep -E "^\||^NCCL all|via (P2P|SHM|NET)" | sed -E 's/^.*NCCL INFO //; s/Channel [0-9]+\/[0-9]+/Channel N/' \
                 | awk '!seen[$0]++' | head -20 ;;
         *) echo "unknown part $part" ;;
