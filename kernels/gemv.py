@@ -51,7 +51,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
 
 def pick_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight: the winners of
-    benchmarks/gemv_sweep.py on an H100 for Llama-3-8B's shapes, by the shape class they stand for."""
+    benchmarks/kernels/gemv_sweep.py on an H100 for Llama-3-8B's shapes, by the shape class they stand for."""
     if n >= 65536:       # LM heads
         return (32, 512, 4, 5)
     if k >= 8192:        # down projections: long rows

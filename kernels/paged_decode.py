@@ -99,7 +99,7 @@ def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     and one range once the batch alone gives that many. It depends on the batch size alone, so
     a graph can fix it. On an H200 with Llama-3-8B's 8 KV heads this picks 16 ranges at batch 1,
     8 at batch 8 and 1 from batch 64, the best of 1/4/8/16/32 at each of those sizes
-    (benchmarks/attention_decode.py)."""
+    (benchmarks/kernels/attention_decode.py)."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 64
     return max(1, min(MAX_SPLITS, 4 * sms // (batch * kv_heads)))
 

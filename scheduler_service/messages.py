@@ -128,7 +128,7 @@ Event = EngineReady | StepUpdates | RequestRejected | EngineFailed | Trace | Req
 
 
 # msgpack through typed decoders rather than pickle: several times faster for a step's updates
-# (benchmarks/engine_link_codec.py) and nothing but these types can arrive. Both ends are the same
+# (benchmarks/host/engine_link_codec.py) and nothing but these types can arrive. Both ends are the same
 # build (the engine is the frontend's child process), so structs travel as arrays, without names.
 _encoder = msgspec.msgpack.Encoder()
 _commands = msgspec.msgpack.Decoder(Command)

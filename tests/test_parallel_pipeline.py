@@ -9,7 +9,7 @@ import threading
 import torch
 from test_parallel_sharding import CPU, _follower, _load
 
-from benchmarks.parallel_handoff import PlanMaker
+from benchmarks.step.harness import PlanMaker
 from protos import worker_pb2
 from sarathi_common.net import free_port
 from worker_service.parallel.layout import ReplicaLayout

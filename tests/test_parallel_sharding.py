@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.parallel_handoff import PlanMaker
-from benchmarks.replica_launch import local_replica
+from benchmarks.replica.launch import local_replica
+from benchmarks.step.harness import PlanMaker
 from protos import worker_pb2
 from sarathi_common.lifecycle import exit_now
 from sarathi_common.model_spec import resolve

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from benchmarks.policy_overhead import time_policy
+from benchmarks.host.policy_overhead import time_policy
 from scheduler_service.policies import POLICIES
 
 

@@ -1,4 +1,4 @@
-"""The multi-GPU decode benchmark's floor (benchmarks/replica_bench.py): the ranks of a stage
+"""The multi-GPU decode benchmark's floor (benchmarks/replica/replica_bench.py): the ranks of a stage
 read their shards at once, stages one after another; and the script runs a replica end to end
 (on the CPU here, with no floor)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.replica_bench import floor_seconds, rank_weight_bytes
+from benchmarks.replica.replica_bench import floor_seconds, rank_weight_bytes
 from sarathi_common.model_spec import resolve
 from worker_service.models.config import ModelConfig
 from worker_service.models.loader import hf_config_for
@@ -43,7 +43,7 @@ def test_stages_add_up_to_the_whole_model_and_tp_ranks_share_it():
 
 def test_replica_bench_times_each_layout_and_batch_on_the_cpu():
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.replica_bench", "--device", "cpu", "--model", "tiny",
+        [sys.executable, "-m", "benchmarks.replica.replica_bench", "--device", "cpu", "--model", "tiny",
          "--layouts", "2x1", "--batches", "1", "3", "--context", "40", "--steps", "2"],
         capture_output=True, text=True, timeout=300, check=True,
         cwd=Path(__file__).resolve().parents[1]).stdout

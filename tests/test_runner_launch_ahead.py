@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_parallel_sharding import CPU, _load
 
-from benchmarks.parallel_handoff import PlanMaker
+from benchmarks.step.harness import PlanMaker
 from worker_service.runner import ModelRunner, PlanError
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/step_overhead's arithmetic on hand-built traces: which iterations count, and the
+"""benchmarks/host/step_overhead's arithmetic on hand-built traces: which iterations count, and the
 idle share they give."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.step_overhead import summarize
+from benchmarks.host.step_overhead import summarize
 
 
 def step(prefill: int, decode: int, device_ms: float, idle_ms: float):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the GPU tests on the device machine and prints one PASS/FAIL line per test and a verdict.
-# Usage (from the repo root, after the wheel install line of ../shared/device/README.md):
+# Runs the GPU tests on a GPU host and prints one PASS/FAIL line per test and a verdict; the full
+# log goes to $OUT/gpu_tests.log (OUT defaults to /tmp). From the repo root, with the GPU wheels
+# importable (`bash benchmarks/device/gpu_session.sh tests` installs them and runs this):
 #   bash tests/gpu/run_on_device.sh [pytest args, e.g. -k runner]
 set -o pipefail
 log="${OUT:-/tmp}/gpu_tests.log"

@@ -1,8 +1,8 @@
 """bf16 replicas over two GPUs against one GPU, at real model shapes: the Llama-3-8B shape on
 dummy weights at TP=2 (decode graphs holding their NCCL collectives) and PP=2, and the real
 SmolLM2-135M-Instruct weights at PP=2 (its 9 attention heads do not split over 2 ranks, so it
-has no TP=2). Rank 0 runs in this process (benchmarks.replica_launch.local_replica), the other
-rank in a child, each on its own GPU; the plans are test_runner_gpu.drive's (chunked prefills
+has no TP=2). Rank 0 runs in this process (benchmarks.replica.launch.local_replica), the other
+rank in a child, each on its own GPU; the plans are benchmarks.step.harness.drive's (chunked prefills
 beside decodes).
 
 The Llama-3-8B shape is held to the bf16 agreement rule (as in the transformers agreement
@@ -18,7 +18,7 @@ tensors): tokens equal up to each sequence's first difference, which must be a n
 one-GPU logits (top two within 0.1).
 
 Each case skips where the machine has fewer than two GPUs (the real weights: where SMOLLM2_GGUF
-is not given; benchmarks/gpu_session.sh explains how they reach the device machine).
+is not given; benchmarks/device/gpu_session.sh explains how they reach the device machine).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import gc
 
 import pytest
 import torch
-from sarathi.model_spec import resolve
 
-from benchmarks.replica_launch import local_replica
+from benchmarks.replica.launch import local_replica
+from benchmarks.step.harness import BLOCK, drive
 from protos import worker_pb2
 from protos.batch_plan import BatchPlan, StepOutput
-from tests.gpu.test_runner_gpu import BLOCK, drive
+from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.runner import ModelRunner

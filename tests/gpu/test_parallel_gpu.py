@@ -3,7 +3,7 @@ between pipeline stages) against one GPU, end to end through `sarathi serve`: th
 Llama in float32, greedy, 8 concurrent prompts with chunked prefills.
 
 Each layout is skipped where the machine has fewer GPUs than ranks, so on one GPU all skip; run
-them on nvidia-h100-x2 / -x4 (`TEST_K=parallel bash benchmarks/gpu_session.sh tests`).
+them on a host of 2 or 4 GPUs (`TEST_K=parallel bash benchmarks/device/gpu_session.sh tests`).
 """
 
 from __future__ import annotations

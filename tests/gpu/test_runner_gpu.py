@@ -11,62 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import worker_service.runner as runner_module
-from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
+from benchmarks.step.harness import BLOCK, PlanMaker, drive
+from protos.batch_plan import BatchPlan
 from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model
 from worker_service.runner import ModelRunner
 
 DEV = torch.device("cuda")
-BLOCK = 16
 PROMPT_LENS = [5, 16, 17, 90, 200, 33, 1, 64]
 NEW_TOKENS = 12
-
-
-def drive(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, chunk: int = 96,
-          sampling: SamplingOptions | None = None) -> tuple[dict, dict]:
-    """Chunked prefills mixed with decodes, as the scheduler would. -> tokens and logits per seq."""
-    logits_seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompts))}
-    real_sample = runner_module.sample
-
-    def recording_sample(logits, options, index, gen):
-        out = real_sample(logits, options, index, gen)
-        for sid, row in zip(current, logits, strict=True):
-            logits_seen[sid].append(row.float().cpu())
-        return out
-
-    runner_module.sample = recording_sample
-    try:
-        per_seq = 64 // BLOCK * 8
-        seqs = {i: dict(tokens=list(p), computed=0, out=[]) for i, p in enumerate(prompts)}
-        plan = BatchPlan(0, new_sequences=[
-            NewSequence(i, p, list(range(i * per_seq, (i + 1) * per_seq)),
-                        sampling or SamplingOptions(), num_prompt_tokens=len(p))
-            for i, p in enumerate(prompts)])
-        step = 0
-        while any(len(s["out"]) < new_tokens for s in seqs.values()):
-            budget = chunk
-            for i, s in seqs.items():
-                if len(s["out"]) >= new_tokens or budget == 0:
-                    continue
-                n = min(len(s["tokens"]) - s["computed"], budget)
-                plan.schedule(i, s["computed"], n, [])
-                s["computed"] += n
-                budget -= n
-            current = [i for i, c, n in zip(plan.seq_ids, plan.num_computed_tokens,
-                                            plan.num_scheduled_tokens, strict=True)
-                       if c + n == len(seqs[i]["tokens"])]
-            out = runner.execute(plan)
-            assert out.seq_ids == current
-            for sid, tok in zip(out.seq_ids, out.token_ids, strict=True):
-                seqs[sid]["tokens"].append(tok)
-                seqs[sid]["out"].append(tok)
-            step += 1
-            plan = BatchPlan(step)
-        return {i: s["out"][:new_tokens] for i, s in seqs.items()}, logits_seen
-    finally:
-        runner_module.sample = real_sample
 
 
 def make_runner(backend: str, dtype: torch.dtype, graphs: bool, hybrid_tokens: int = 0) -> ModelRunner:
@@ -156,7 +110,6 @@ def test_launching_ahead_matches_one_step_at_a_time(backend, graphs):
     decodes read their input tokens on the device (through the graphs' static buffers too)."""
     if backend == "flashinfer":
         pytest.importorskip("flashinfer")
-    from benchmarks.parallel_handoff import PlanMaker
 
     def plans() -> list[BatchPlan]:
         maker = PlanMaker()

@@ -5,9 +5,9 @@ covers prefill chunks and decodes in one launch per layer; decode-only iteration
 the decode wrapper (tensor-core variant, which suits GQA groups), except small ones: at most
 `split_decode_max_batch` sequences go to our split-KV Triton kernel (kernels/paged_decode.py),
 which spreads one sequence's context over the whole GPU in fewer, cheaper launches than
-FlashInfer's split-and-merge at that size (benchmarks/attention_decode.py). CUDA-graph decode batches get
-a decode wrapper of their own per padded batch size, whose index buffers stay at fixed
-addresses so that planning before a replay updates what the captured kernels read.
+FlashInfer's split-and-merge at that size (benchmarks/kernels/attention_decode.py). CUDA-graph
+decode batches get a decode wrapper of their own per padded batch size, whose index buffers stay
+at fixed addresses so that planning before a replay updates what the captured kernels read.
 K/V are written by our Triton kernel (slot mapping; negative slots are graph padding).
 """
 

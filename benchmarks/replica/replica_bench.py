@@ -3,7 +3,7 @@ the HBM floor of its shards: every rank of a stage reads its shard at once, stag
 another, so the floor of a step is the sum over stages of the largest (weights read + KV read) of
 a rank of that stage, over the measured copy bandwidth.
 
-Drives rank 0 directly with hand-made plans (benchmarks.parallel_handoff.PlanMaker), as the
+Drives rank 0 directly with hand-made plans (benchmarks.step.harness.PlanMaker), as the
 scheduler would send them: the batch's prompts are prefilled (up to 8192 tokens a plan), then
 `--steps` decode steps are timed one by one, plan to sampled tokens.
 
@@ -14,8 +14,8 @@ and gives its MFU over all the replica's GPUs (against the bf16 matmul rate meas
 pipeline stages also with `pp` plans in flight (a stage works on the next plan while the later
 stage runs this one), the throughput a pipeline is for.
 
-  python -m benchmarks.replica_bench --model llama3-70b --layouts 2x1 1x2 [--prefill 2048 8192]
-  python -m benchmarks.replica_bench --device cpu --model tiny --layouts 2x1 1x2 --context 64
+  python -m benchmarks.replica.replica_bench --model llama3-70b --layouts 2x1 1x2 [--prefill 2048 8192]
+  python -m benchmarks.replica.replica_bench --device cpu --model tiny --layouts 2x1 1x2 --context 64
 
 `TPxPP` names a layout; each takes TP x PP GPUs of this host. On the CPU there is no floor.
 """
@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from benchmarks.gpu_bench import prefill_flops
-from benchmarks.parallel_handoff import BLOCK, PlanMaker
-from benchmarks.replica_launch import local_replica
+from benchmarks.replica.launch import local_replica
+from benchmarks.step.gpu_bench import prefill_flops
+from benchmarks.step.harness import BLOCK, PlanMaker
 from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.config import ModelConfig
@@ -117,7 +117,7 @@ def main() -> None:
     config = ModelConfig.from_hf(hf_config_for(resolve(f"dummy:{args.model}")), args.model)
     bandwidth = matmul = None
     if device.type == "cuda":
-        from benchmarks.gpu_bench import measure_copy_bandwidth, measure_matmul_flops
+        from benchmarks.step.gpu_bench import measure_copy_bandwidth, measure_matmul_flops
 
         bandwidth = measure_copy_bandwidth()
         matmul = measure_matmul_flops()

@@ -1,6 +1,6 @@
 """Micro-benchmark: the scheduler's time per iteration (policy + plan building), no model.
 
-    python -m benchmarks.policy_overhead [--running 256] [--iterations 200]
+    python -m benchmarks.host.policy_overhead [--running 256] [--iterations 200]
 
 Each policy runs with `running` requests decoding and long prompts waiting, so every iteration
 walks the whole running set and tries an admission: the steady state of a busy server.

@@ -6,8 +6,8 @@ prints each time against its hardware floor, measured in the same run:
   - one prompt's prefill (512 / 2048 / 8192 tokens): time and MFU vs the measured bf16 matmul rate;
   - a hybrid iteration: one 512-token chunk plus 64 decodes at context 1024;
   - Hugging Face transformers `generate` on the same shape, batch 1 and 32, for comparison.
-Usage on the GPU machine (repo root, PYTHONPATH=$PWD):
-  python3 benchmarks/gpu_bench.py [--model llama3-8b] [--backend flashinfer] [--no-hf] [--out DIR]
+Usage on a GPU host, from the repo root:
+  python -m benchmarks.step.gpu_bench [--model llama3-8b] [--backend flashinfer] [--no-hf] [--out DIR]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a decode step's device time goes: every kernel of one CUDA-graph replay, grouped.
 
-On the GPU machine (repo root, PYTHONPATH=$PWD):
-  python3 benchmarks/decode_profile.py [--model llama3-8b] [--batches 1 64] [--context 1024]
+On a GPU host, from the repo root:
+  python -m benchmarks.step.decode_profile [--model llama3-8b] [--batches 1 64] [--context 1024]
 For each batch it replays the captured decode graph under torch.profiler and prints one table:
 kernel group (matmul, attention, norm, rotary, KV store, activation, sampling, other), kernel
 launches, device microseconds per step and share, and for matmuls (weights) and attention (KV)
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import (
+from benchmarks.step.gpu_bench import (
     BLOCK,
     CONTEXT,
     DEV,
@@ -30,13 +27,12 @@ from gpu_bench import (
     apply_split_decode_arg,
     kv_bytes,
     measure_copy_bandwidth,
-    weight_bytes_read_per_step,  # noqa: E402
+    weight_bytes_read_per_step,
 )
-
-from sarathi_common.model_spec import resolve  # noqa: E402
-from worker_service.attention import make_backend  # noqa: E402
-from worker_service.models.loader import load_model  # noqa: E402
-from worker_service.runner import ModelRunner  # noqa: E402
+from sarathi_common.model_spec import resolve
+from worker_service.attention import make_backend
+from worker_service.models.loader import load_model
+from worker_service.runner import ModelRunner
 
 # Kernel names (ours, FlashInfer's, cuBLAS's, torch's) to the group they belong to; first match.
 GROUPS = (

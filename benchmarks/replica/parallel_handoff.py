@@ -10,7 +10,7 @@ and prints, per iteration kind (a prefill chunk; a batch of decodes):
   - collectives: calls and bytes each TP rank contributes (all_reduce of o_proj / down_proj /
     embedding, all_gather of logits), and time in them on rank 0
 
-  .venv/bin/python -m benchmarks.parallel_handoff [--layers 8 --hidden 1024 ...]
+  python -m benchmarks.replica.parallel_handoff [--layers 8 --hidden 1024 ...]
 
 Each rank runs one torch thread, so TP=2 and PP=2 use two cores where TP=1 uses one.
 """
@@ -28,55 +28,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.replica_launch import local_replica
-from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
+from benchmarks.replica.launch import local_replica
+from benchmarks.step.harness import BLOCK, PlanMaker
 from worker_service.parallel.replica import ReplicaDriver
-
-BLOCK = 16
-
-
-class PlanMaker:
-    """Hand-made plans: what the scheduler would send for a given shape of iteration."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.next_seq = 0
-        self.next_block = 0
-        self.seqs: dict[int, list[int]] = {}   # seq -> [known tokens, computed, blocks]
-
-    def _blocks(self, seq: int, upto: int) -> list[int]:
-        state = self.seqs[seq]
-        need = -(-upto // BLOCK) - state[2]
-        new = list(range(self.next_block, self.next_block + need))
-        self.next_block += need
-        state[2] += need
-        return new
-
-    def new_sequences(self, n: int, prompt_len: int) -> BatchPlan:
-        """Registers n sequences and prefills their whole prompts in one plan."""
-        plan = BatchPlan(self.step)
-        for _ in range(n):
-            seq = self.next_seq
-            self.next_seq += 1
-            self.seqs[seq] = [prompt_len, 0, 0]
-            plan.new_sequences.append(NewSequence(seq, [(7 * seq + i) % 500 + 1 for i in range(prompt_len)],
-                                                  [], SamplingOptions(), prompt_len))
-            plan.new_sequences[-1].block_table = self._blocks(seq, prompt_len)
-            plan.schedule(seq, 0, prompt_len, [])
-            self.seqs[seq][0] += 1   # the sampled token
-            self.seqs[seq][1] = prompt_len
-        self.step += 1
-        return plan
-
-    def decode(self, seqs: list[int]) -> BatchPlan:
-        plan = BatchPlan(self.step)
-        for seq in seqs:
-            known, computed, _ = self.seqs[seq]
-            plan.schedule(seq, computed, 1, self._blocks(seq, computed + 1))
-            self.seqs[seq][0] += 1
-            self.seqs[seq][1] = computed + 1
-        self.step += 1
-        return plan
 
 
 def measure(tp: int, pp: int, config_path: str, chunk: int, decode_batch: int, iters: int) -> dict:

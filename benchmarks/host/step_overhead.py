@@ -10,8 +10,8 @@ adds a stream of long prompts beside the decodes. With overlap the engine keeps 
 the worker and the worker prepares step i+1 while the device runs step i; without it, each
 plan waits for the previous result.
 
-  python -m benchmarks.step_overhead --model dummy:llama3-8b --device cuda --batches 1 32 128
-  python -m benchmarks.step_overhead --batches 1 8          # the embedded model on the CPU
+  python -m benchmarks.host.step_overhead --model dummy:llama3-8b --device cuda --batches 1 32 128
+  python -m benchmarks.host.step_overhead --batches 1 8          # the embedded model on the CPU
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Micro-benchmark: encoding the frontend <-> engine messages, pickle against msgspec.
 
-    python -m benchmarks.engine_link_codec [--updates 128] [--prompt-tokens 2048]
+    python -m benchmarks.host.engine_link_codec [--updates 128] [--prompt-tokens 2048]
 
 The engine sends one StepUpdates per iteration (an update per running request, and the step's
 stats); the frontend sends one AddRequest per request. Times are encode + decode of the real

@@ -6,7 +6,7 @@ bandwidth (bytes of W per second), and the best config per shape. Weights smalle
 cache (50 MB on an H100: qkv, o_proj) are partly re-read from it by the repeated calls, which
 flatters both columns for those shapes; in a model every layer's weights differ.
 
-  python3 benchmarks/gemv_sweep.py [--rows 1 8]
+  python -m benchmarks.kernels.gemv_sweep [--rows 1 8]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.graph_timing import microseconds_per_call
+from benchmarks.kernels.graph_timing import microseconds_per_call
 from kernels.gemv import gemv
 
 DEV = torch.device("cuda")

@@ -6,8 +6,8 @@ fixed number of greedy tokens (EOS ignored). Reports, per path, the time to firs
 between tokens and whole-request time, and the gateway's own CPU time per token and per request;
 the overhead rows are HTTP minus gRPC.
 
-    python -m benchmarks.gateway_overhead                 # 64 streams x 64 tokens, 2 rounds
-    python -m benchmarks.gateway_overhead --streams 16 --max-tokens 32 --rounds 1
+    python -m benchmarks.host.gateway_overhead                 # 64 streams x 64 tokens, 2 rounds
+    python -m benchmarks.host.gateway_overhead --streams 16 --max-tokens 32 --rounds 1
 
 The HTTP side uses a minimal asyncio HTTP/1.1 client (no SDK), so the client's own parsing
 costs as little as the gRPC side's; on a small machine all three processes share its cores.
@@ -154,7 +154,7 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway_overhead",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host.gateway_overhead",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams per round (default 64)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")

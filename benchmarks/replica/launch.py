@@ -1,5 +1,5 @@
-"""A replica's ranks as processes on this host, for benchmarks that drive rank 0 directly (no
-scheduler, no gRPC): rank 0 lives in the calling process, the others follow it."""
+"""A replica's ranks as processes on this host, for the benchmarks and tests that drive rank 0
+directly (no scheduler, no gRPC): rank 0 lives in the calling process, the others follow it."""
 
 from __future__ import annotations
 

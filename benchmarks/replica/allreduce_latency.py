@@ -2,7 +2,7 @@
 sizes a tensor-parallel decode step sums (batch x hidden bf16 values, twice per layer): what
 separates a TP decode step from the HBM floor of its shards at small batches.
 
-  python -m benchmarks.allreduce_latency [--gpus 2] [--hidden 4096 8192] [--batches 1 64]
+  python -m benchmarks.replica.allreduce_latency [--gpus 2] [--hidden 4096 8192] [--batches 1 64]
 
 One process per GPU (spawned); rank 0 prints the table. Set NCCL_DEBUG=INFO to see the
 transport NCCL chose (P2P over NVLink, or shared memory).

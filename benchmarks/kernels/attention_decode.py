@@ -6,7 +6,8 @@ share with --heads/--kv-heads, e.g. 16/2 for a 70B model at TP=4), bf16, paged K
 captured in one CUDA graph (as the decode graphs run them), and the replay is timed; the table
 gives microseconds per layer call and the KV bandwidth that implies.
 
-  python3 benchmarks/attention_decode.py [--batches 1 8 32 64 128] [--context 1024] [--heads 32 --kv-heads 8]
+  python -m benchmarks.kernels.attention_decode [--batches 1 8 32 64 128] [--context 1024]
+      [--heads 32 --kv-heads 8]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 
 import torch
 
-from benchmarks.graph_timing import microseconds_per_call
+from benchmarks.kernels.graph_timing import microseconds_per_call
 from kernels.paged_decode import paged_decode
 from worker_service.attention import AttentionMetadata
 from worker_service.attention.flashinfer_backend import FlashInferAttention
