@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.replicas < 1:
+        parser.error("--replicas must be at least 1")
     if args.command == "worker":
         from worker_service.main import run_worker
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "serve":
         from sarathi.supervise import run_serve
 
-        run_serve(*serve_configs(args), http_port=args.http_port)
+        run_serve(*serve_configs(args), http_port=args.http_port, replicas=args.replicas)
     elif args.command == "gateway":
         from sarathi.gateway.config import GatewayConfig
         from sarathi.gateway.main import run_gateway
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="scheduler + worker on this machine (the usual way to run)")
     add_options(p, SchedulerConfig, only=_ADDRESS)
     p.add_argument("--worker-port", type=int, default=None)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel replicas, one worker process each (on GPUs, each its own "
+                        "device or devices, from CUDA_VISIBLE_DEVICES); one scheduler places requests "
+                        "on them by load (default: 1)")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API on this port (a `sarathi gateway` "
                         "process; it takes its API key from $SARATHI_API_KEY)")

@@ -41,14 +41,37 @@ def gateway_command(scheduler: SchedulerConfig, http_port: int) -> list[str]:
             "--host", scheduler.host, "--port", str(http_port)]
 
 
-def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int | None = None) -> None:
-    """A scheduler (this process + its engine process), one worker subprocess and, with an HTTP
-    port, a gateway subprocess."""
+def replica_environments(worker: WorkerConfig, replicas: int) -> list[dict[str, str]]:
+    """Each replica's environment: on GPUs, its own devices (CUDA_VISIBLE_DEVICES, cut from the
+    one given to `serve`, or 0..n-1), world_size of them per replica."""
+    base = dict(os.environ)
+    if replicas == 1 or worker.device == "cpu":
+        return [base] * replicas
+    world = worker.world_size
+    visible = base.get("CUDA_VISIBLE_DEVICES") or ",".join(str(i) for i in range(replicas * world))
+    devices = visible.split(",")
+    if len(devices) < replicas * world:
+        raise SystemExit(f"{replicas} replicas of {world} GPU(s) need {replicas * world} GPUs; "
+                         f"CUDA_VISIBLE_DEVICES names {len(devices)}")
+    return [{**base, "CUDA_VISIBLE_DEVICES": ",".join(devices[i * world:(i + 1) * world])}
+            for i in range(replicas)]
+
+
+def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int | None = None,
+              replicas: int = 1) -> None:
+    """A scheduler (this process + its engine process), one worker subprocess per replica and,
+    with an HTTP port, a gateway subprocess."""
     from scheduler_service.main import run_scheduler
 
-    # One worker process; a replica's rank 0 starts its other ranks (they die with it).
-    proc = subprocess.Popen(worker_command(worker), preexec_fn=dies_with_this_process())
-    children = [proc]
+    ports = [worker.port]
+    while len(ports) < replicas:
+        port = free_port()
+        if port not in (*ports, scheduler.port):
+            ports.append(port)
+    workers = [dataclasses.replace(worker, port=port) for port in ports]
+    # One process per replica; a replica's rank 0 starts its other ranks (they die with it).
+    children = [subprocess.Popen(worker_command(w), env=env, preexec_fn=dies_with_this_process())
+                for w, env in zip(workers, replica_environments(worker, replicas), strict=True)]
     if http_port is not None:
         children.append(subprocess.Popen(gateway_command(scheduler, http_port),
                                          preexec_fn=dies_with_this_process()))
@@ -65,7 +88,7 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int |
 
     # SIGTERM and SIGINT reach the scheduler's own handlers: it drains, then the children stop.
     try:
-        run_scheduler(dataclasses.replace(scheduler, worker=f"{worker.host}:{worker.port}"))
+        run_scheduler(dataclasses.replace(scheduler, worker=",".join(f"{w.host}:{w.port}" for w in workers)))
     finally:
         stop_children()
 

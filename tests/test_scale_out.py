@@ -291,3 +291,20 @@ def test_sigterm_lets_the_streams_in_flight_finish_then_exits_0(cluster_factory,
             assert not alive, f"left behind: {[p.cmdline()[:4] for p in alive]}"
     finally:
         stop(target)
+
+
+def test_serve_runs_data_parallel_replicas_under_one_scheduler():
+    port, metrics_port = free_port(), free_port()
+    serve = spawn("serve", "--port", str(port), "--metrics-port", str(metrics_port), "--chunk-size", "64",
+                  "--replicas", "2", *WORKER)
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_serving(address, timeout=180)
+        view = Cluster.__new__(Cluster)          # read-only helpers over serve's own ports
+        view.address, view.metrics_port = address, metrics_port
+        view.wait_replicas(2)
+        assert all(len(t) == NEW_TOKENS for t in undisturbed(address, PROMPTS[:8]))
+        assert set(replica_iterations(view)) == {"1", "2"}
+    finally:
+        stop(serve, signal.SIGTERM)
+    assert serve.returncode == 0

@@ -40,6 +40,7 @@ class Row:
     idle_ms: float        # the device's idle gap before the step, median
     idle_share: float     # sum(idle) / sum(idle + busy), decode-only steps
     tbt_ms: float         # median gap between streamed tokens, as clients saw it
+    replica: int = 1      # which replica's iterations (each overlaps on its own)
 
 
 def stream_gaps(stub, prompt: list[int], max_tokens: int) -> list[float]:
@@ -78,6 +79,22 @@ def summarize(workload: str, overlap: bool, steps, gaps: list[float], hybrid: bo
                share, 1000 * statistics.median(gaps or [0]))
 
 
+def per_replica(workload: str, overlap: bool, steps, gaps: list[float], hybrid: bool,
+                batch: int) -> list[Row]:
+    """One row per replica: each has its own device and its own idle gaps. A replica's decode
+    batch is its share of the requests (its widest decode-only step)."""
+    rows = []
+    replicas = sorted({s.replica for s in steps})
+    for replica in replicas:
+        own = [s for s in steps if s.replica == replica]
+        width = batch if len(replicas) == 1 else max(
+            [s.num_decode_tokens for s in own if s.num_prefill_tokens == 0] or [batch])
+        row = summarize(workload, overlap, own, gaps, hybrid, width)
+        row.replica = replica
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -87,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--output-tokens", type=int, default=160)
     ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="data-parallel replicas under the one scheduler (serve --replicas): a row each")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `sarathi serve` argument")
     args = ap.parse_args(argv)
-    extra = [*args.server_arg]
+    extra = [*args.server_arg, "--replicas", str(args.replicas)]
     if args.device:
         extra += ["--device", args.device]
     rows: list[Row] = []
@@ -100,17 +119,19 @@ def main(argv: list[str] | None = None) -> None:
         with LocalServer(launch) as server:
             for batch in args.batches:
                 steps, gaps = measure(server.address, batch, args.prompt_tokens, args.output_tokens, False)
-                rows.append(summarize(f"decode, batch {batch}", overlap, steps, gaps, False, batch))
+                rows += per_replica(f"decode, batch {batch}", overlap, steps, gaps, False, batch)
             batch = max(args.batches)
             steps, gaps = measure(server.address, batch, args.prompt_tokens, args.output_tokens, True)
-            rows.append(summarize(f"hybrid, batch {batch} + 2048-token prompts", overlap, steps, gaps, True,
-                                  batch))
+            rows += per_replica(f"hybrid, batch {batch} + 2048-token prompts", overlap, steps, gaps, True,
+                                batch)
     table = Table(title=f"Device idle between iterations ({args.model or 'embedded SmolLM2'}, "
                         f"{args.device or 'default device'})")
-    for col in ("workload", "overlap", "iterations", "device ms", "idle ms", "idle %", "client TBT ms"):
+    for col in ("workload", "overlap", "replica", "iterations", "device ms", "idle ms", "idle %",
+                "client TBT ms"):
         table.add_column(col, justify="right")
-    for r in sorted(rows, key=lambda r: (r.workload, not r.overlap)):
-        table.add_row(r.workload, "on" if r.overlap else "off", str(r.iterations), f"{r.busy_ms:.2f}",
+    for r in sorted(rows, key=lambda r: (r.workload, not r.overlap, r.replica)):
+        table.add_row(r.workload, "on" if r.overlap else "off", str(r.replica), str(r.iterations),
+                      f"{r.busy_ms:.2f}",
                       f"{r.idle_ms:.3f}", f"{100 * r.idle_share:.1f}", f"{r.tbt_ms:.2f}")
     Console(width=140).print(table)
 
