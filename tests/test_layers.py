@@ -39,33 +39,23 @@ def test_the_copy_the_other_tests_break_holds_too(copy_of_the_code):
     assert result.returncode == 0, result.stdout
 
 
-def test_a_torch_import_in_the_scheduler_breaks_a_contract(copy_of_the_code):
-    engine = copy_of_the_code / "scheduler_service" / "engine.py"
-    engine.write_text(engine.read_text() + "\nimport torch  # noqa\n")
+# (file in the copy, the import added to it, what lint-imports must report)
+BREAKS = {
+    "a torch import in the scheduler": ("scheduler_service/engine.py", "import torch",
+                                        "scheduler_service imports no torch and no worker_service BROKEN"),
+    "a kernel importing the worker": ("kernels/norm.py", "import worker_service.runner",
+                                      "kernels import nothing of the services BROKEN"),
+    "a torch import in the gateway": ("sarathi/gateway/app.py", "import torch",
+                                      "sarathi.gateway is not allowed to import torch"),
+    "importing the CLI module": ("sarathi/client/__init__.py", "import sarathi.cli",
+                                 "nothing imports the CLI module BROKEN"),
+}
+
+
+@pytest.mark.parametrize("path,line,report", BREAKS.values(), ids=BREAKS.keys())
+def test_breaking_a_layer_fails_the_contracts(copy_of_the_code, path, line, report):
+    module = copy_of_the_code / path
+    module.write_text(module.read_text() + f"\n{line}  # noqa\n")
     result = lint_imports(copy_of_the_code)
     assert result.returncode != 0
-    assert "scheduler_service imports no torch and no worker_service BROKEN" in result.stdout
-
-
-def test_a_kernel_importing_the_worker_breaks_a_contract(copy_of_the_code):
-    kernel = copy_of_the_code / "kernels" / "norm.py"
-    kernel.write_text(kernel.read_text() + "\nimport worker_service.runner  # noqa\n")
-    result = lint_imports(copy_of_the_code)
-    assert result.returncode != 0
-    assert "kernels import nothing of the services BROKEN" in result.stdout
-
-
-def test_a_torch_import_in_the_gateway_breaks_a_contract(copy_of_the_code):
-    app = copy_of_the_code / "sarathi" / "gateway" / "app.py"
-    app.write_text(app.read_text() + "\nimport torch  # noqa\n")
-    result = lint_imports(copy_of_the_code)
-    assert result.returncode != 0
-    assert "sarathi.gateway is not allowed to import torch" in result.stdout
-
-
-def test_importing_the_cli_module_breaks_a_contract(copy_of_the_code):
-    client = copy_of_the_code / "sarathi" / "client" / "__init__.py"
-    client.write_text(client.read_text() + "\nimport sarathi.cli  # noqa\n")
-    result = lint_imports(copy_of_the_code)
-    assert result.returncode != 0
-    assert "nothing imports the CLI module BROKEN" in result.stdout
+    assert report in result.stdout
