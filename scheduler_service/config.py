@@ -52,6 +52,9 @@ class SchedulerConfig:
     memory_fraction: float = option(0.9, "share of the worker's free memory the KV cache may take",
                                     group=_GROUP)
     tokenizer: str | None = option(None, "tokenizer folder (default: the model's)", group=_GROUP)
+    max_message_mb: float = option(
+        4.0, "largest request a client may send, in MiB (default: 4; a prompt of a few hundred "
+             "thousand tokens needs more)", group=_GROUP)
     max_queue: int = option(4096, "requests in flight before RESOURCE_EXHAUSTED", group=_GROUP)
     overlap: bool = option(True, "wait for each step's result before scheduling the next (default: "
                                  "overlap)", flag="--no-overlap", group=_GROUP)

@@ -33,7 +33,9 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
                 # (gRPC's default answers them with GOAWAY "too_many_pings" and a broken stream).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                ("grpc.http2.max_ping_strikes", 0)]
+                ("grpc.http2.max_ping_strikes", 0),
+                # A port in use fails to bind rather than being shared with the other server.
+                ("grpc.so_reuseport", 0)]
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BROKEN_EXIT_CODE = 4
 BROKEN_EXIT_DELAY_S = 0.5   # for the UNAVAILABLE status to reach the scheduler first
@@ -194,7 +196,8 @@ def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: in
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}: is the port in use?")
+        raise SystemExit(f"{name}: cannot listen on {config.host}:{config.port}: the port is in use (or "
+                         f"the address is not this host's); pick another with --port")
     server.start()
     print(f"{name}: listening on {config.host}:{config.port}", flush=True)
     if config.scheduler:
