@@ -6,7 +6,6 @@ and no KV block is left in use."""
 from __future__ import annotations
 
 import grpc
-import pytest
 from conftest import collect, greedy_request, hf_greedy, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +21,8 @@ def text_request(text: str = "hi", **sampling) -> pb.GenerateRequest:
 
 
 def chat_request(*roles: str) -> pb.GenerateRequest:
-    return pb.GenerateRequest(chat=pb.ChatPrompt(messages=[pb.ChatMessage(role=r, content="hi") for r in roles]),
+    messages = [pb.ChatMessage(role=r, content="hi") for r in roles]
+    return pb.GenerateRequest(chat=pb.ChatPrompt(messages=messages),
                               sampling=pb.SamplingParams(max_tokens=2, temperature=0.0))
 
 
