@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
+from sarathi_common.net import listen
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.engine_client import EngineClient
@@ -349,9 +350,7 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
          reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise SystemExit(f"sarathi: cannot listen on {host}:{port}: the port is in use (or the address "
-                         f"is not this host's); pick another with --port")
+    listen(server, host, port, "sarathi")
     await server.start()
     log.info("gRPC API on %s:%d (health NOT_SERVING until a worker has its cache)", host, port)
     engine.start()

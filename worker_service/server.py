@@ -21,6 +21,7 @@ import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
 from sarathi_common.lifecycle import exit_now
+from sarathi_common.net import listen
 from worker_service import memory
 from worker_service.config import JOIN_INTERVAL_S, WorkerConfig
 from worker_service.executor import Executor, ExecutorBroken, PlanError
@@ -195,9 +196,7 @@ def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: in
     handlers = method_handlers(service)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
-    if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
-        raise SystemExit(f"{name}: cannot listen on {config.host}:{config.port}: the port is in use (or "
-                         f"the address is not this host's); pick another with --port")
+    listen(server, config.host, config.port, name)
     server.start()
     print(f"{name}: listening on {config.host}:{config.port}", flush=True)
     if config.scheduler:
