@@ -18,6 +18,7 @@ from concurrent import futures
 from typing import Any, NoReturn
 
 import grpc
+import torch
 
 from protos import worker_pb2, worker_pb2_grpc
 from sarathi_common.lifecycle import exit_now
@@ -40,6 +41,7 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BROKEN_EXIT_CODE = 4
 BROKEN_EXIT_DELAY_S = 0.5   # for the UNAVAILABLE status to reach the scheduler first
+MAX_BLOCK_SIZE = 1024   # tokens per KV block InitCache accepts
 IDLE_S = 0.5   # draining: no plan for this long and none in flight, the scheduler has no work here
 
 
@@ -59,6 +61,8 @@ class WorkerService:
         self.dispatched = 0
         self.sent = 0
         self.last_plan = 0.0                  # monotonic time of the latest plan
+        self.cache_bytes = 0                  # the KV cache InitCache allocated (freed by the next)
+        self.host_cache_bytes = 0
 
     def streaming(self) -> bool:
         """A scheduler holds the Step stream."""
@@ -89,9 +93,29 @@ class WorkerService:
     def InitCache(self, request, context):
         if request.num_blocks < 1 or request.block_size < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be >= 1")
+        if request.block_size > MAX_BLOCK_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"block_size {request.block_size} is over {MAX_BLOCK_SIZE} tokens")
+        ex = self.executor
+        per_block = ex.bytes_per_block(request.block_size)
+        wanted = request.num_blocks * per_block
+        host_wanted = request.num_host_blocks * per_block
+        # What the device could hold once the current cache is freed: a size it cannot hold is
+        # refused before the current cache goes, so the worker keeps serving with it.
+        room = memory.free_memory_bytes(ex.device) + self.cache_bytes
+        host_room = memory.free_memory_bytes(torch.device("cpu")) + self.host_cache_bytes
+        if ex.device.type == "cpu":   # one memory for both caches
+            wanted, host_wanted = wanted + host_wanted, 0
+        if wanted > room or host_wanted > host_room:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{request.num_blocks} KV blocks (+{request.num_host_blocks} on the host) of "
+                          f"{per_block} bytes do not fit: {room >> 20} MiB available on {ex.device}"
+                          f"{'' if ex.device.type == 'cpu' else f', {host_room >> 20} MiB on the host'}; "
+                          f"Describe says how many blocks fit")
         with self._stream_lock:
-            cache_bytes = self.executor.init_cache(request.num_blocks, request.block_size,
-                                                   request.num_host_blocks)
+            cache_bytes = ex.init_cache(request.num_blocks, request.block_size, request.num_host_blocks)
+        self.cache_bytes = cache_bytes
+        self.host_cache_bytes = request.num_host_blocks * per_block
         return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
 
     def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:
