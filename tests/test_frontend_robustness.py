@@ -4,10 +4,12 @@ limit is a few MiB unless raised; a second server on a busy port exits with one 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -22,6 +24,38 @@ def big_message_server():
     server = start_server("--chunk-size", "64", "--max-message-mb", "8")
     yield server
     server.stop()
+
+
+def finished_by_reason(server) -> dict[str, float]:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^sarathi_requests_finished_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def test_kv_gauges_are_set_before_the_first_request(big_message_server):
+    metrics = big_message_server.metrics()
+    assert metrics["sarathi_kv_blocks_total"] > 0
+    assert metrics["sarathi_kv_blocks_used"] == 0
+
+
+def test_cancelled_and_timed_out_requests_are_counted_by_reason(big_message_server):
+    stub = big_message_server.stub()
+    before = finished_by_reason(big_message_server)
+    call = stub.Generate(greedy_request([100, 200, 300], 500))
+    next(call)
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub.Generate(greedy_request([100, 200, 300], 500), timeout=1.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    collect(stub.Generate(greedy_request([100, 200], 2)))
+
+    def counted() -> bool:
+        after = finished_by_reason(big_message_server)
+        return all(after.get(r, 0) - before.get(r, 0) == 1 for r in ("cancelled", "timeout", "length"))
+
+    assert wait_for(counted, timeout=10), (before, finished_by_reason(big_message_server))
+    assert wait_for(lambda: big_message_server.metrics()["sarathi_kv_blocks_used"] == 0)
 
 
 def _stream_gaps(stub, prompt: list[int], n: int, gaps: list[float], errors: list[BaseException]) -> None:
