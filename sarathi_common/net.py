@@ -12,11 +12,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def listen(server, host: str, port: int, name: str) -> None:
-    """add_insecure_port, or exit with one line when the port is taken (the servers set
-    grpc.so_reuseport to 0, so a busy port fails here instead of being shared)."""
+def listen(server, host: str, port: int, name: str, credentials=None) -> None:
+    """add_insecure_port (add_secure_port with credentials), or exit with one line when the port
+    is taken (the servers set grpc.so_reuseport to 0, so a busy port fails here instead of being
+    shared)."""
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError:
         bound = 0
     if bound == 0:

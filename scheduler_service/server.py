@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
 from sarathi_common.net import listen
+from scheduler_service.auth import BearerTokenInterceptor, load_token, server_credentials
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.engine_client import EngineClient
@@ -337,7 +338,9 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
             loop.create_task(health_servicer.set(name, status))
 
     engine = EngineClient(config, metrics, on_health=set_health)
-    server = grpc.aio.server(options=[
+    token = load_token(config.token_file)
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(token)] if token else [], options=[
         ("grpc.max_receive_message_length", int(config.max_message_mb * (1 << 20))),
         ("grpc.so_reuseport", 0)])   # a port in use fails here instead of being shared
     service = GenerationService(engine, tokenizer, model_name, config.max_queue)
@@ -350,9 +353,10 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
          reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    listen(server, host, port, "sarathi")
+    listen(server, host, port, "sarathi", credentials)
     await server.start()
-    log.info("gRPC API on %s:%d (health NOT_SERVING until a worker has its cache)", host, port)
+    log.info("gRPC API on %s:%d%s%s (health NOT_SERVING until a worker has its cache)", host, port,
+             " over TLS" if credentials else "", ", bearer token required" if token else "")
     engine.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
