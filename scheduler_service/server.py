@@ -45,6 +45,7 @@ log = logging.getLogger("sarathi.frontend")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 OPERATOR_SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Operator"].full_name
 DEFAULT_MAX_TOKENS = 16
+DEADLINE_SLACK_S = 0.5
 # Sampling ranges. A positive temperature below MIN_TEMPERATURE overflows the scaled logits
 # (1e-45 gives NaN probabilities), one above MAX_TEMPERATURE is uniform noise.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
@@ -70,6 +71,16 @@ class Undecodable:
         self.error = error
 
 
+def _max_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters one token covers: its longest vocabulary entry (a
+    byte-level entry has one character per byte, so it bounds the decoded characters too), times
+    4 where a normalizer may compose several characters into one."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizes = backend is None or backend.normalizer is not None
+    return longest * (4 if normalizes else 1)
+
+
 def _decode_generate(data: bytes):
     try:
         return generation_pb2.GenerateRequest.FromString(data)
@@ -84,6 +95,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         # Tokenizing and chat templating run here, off the event loop, so that a huge prompt
         # delays only its own call (the Rust tokenizer lets go of the GIL while it works).
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.max_chars_per_token = _max_chars_per_token(tokenizer) if tokenizer is not None else 0
         self.model_name = model_name
         self.max_queue = max_queue
         self._ids = itertools.count(1)
@@ -179,9 +191,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.engine.streams.pop(seq_id, None)
             if not finished:  # cancelled by the client, its deadline, or the connection dropped
                 self._abort(seq_id)
+                # The client's deadline passes a little before the server's copy of it (which
+                # started when the call arrived): within DEADLINE_SLACK_S it counts as a timeout.
                 remaining = context.time_remaining()
-                metrics.finished.labels("timeout" if remaining is not None and remaining <= 0
-                                        else "cancelled").inc()
+                timed_out = remaining is not None and remaining <= DEADLINE_SLACK_S
+                metrics.finished.labels("timeout" if timed_out else "cancelled").inc()
             self.stream_ended.set()
 
     def _abort(self, seq_id: int) -> None:
@@ -208,6 +222,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         else:
             if self.tokenizer is None:
                 raise BadRequest("this model has no tokenizer: send token_ids")
+            self._check_text_length(request, kind, info)
             if kind == "text":
                 if not request.text:
                     raise BadRequest("empty prompt: text is empty")
@@ -234,6 +249,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise BadRequest(f"prompt has {len(ids)} tokens; the model's context is {info.max_model_len} "
                              f"and at least one token must be generated")
         return ids
+
+    def _check_text_length(self, request, kind: str, info: EngineReady) -> None:
+        """Text too long to fit the context whatever it tokenizes to is refused without
+        tokenizing it (seconds of CPU and a gigabyte of memory for a 16 MB prompt)."""
+        chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
+        limit = info.max_model_len * self.max_chars_per_token
+        if chars > limit:
+            raise BadRequest(f"prompt has {chars} characters: more than the model's context of "
+                             f"{info.max_model_len} tokens can hold (at most {limit} characters)")
 
     def _check_sampling(self, p, info: EngineReady) -> None:
         """Every sampling field, for finiteness and range (proto floats may be NaN or inf)."""
