@@ -129,3 +129,35 @@ def test_the_python_client_sends_its_token(secure_server, certs):
             .completion_tokens == 2
     with Client(secure_server, token="nope", tls=tls, timeout=30) as client, pytest.raises(Unauthenticated):
         client.complete(prompt=[100, 200], max_tokens=2)
+
+
+def test_every_kind_of_call_but_health_needs_the_token(secure_server, certs):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from protos import generation_pb2 as pb
+
+    with grpc.secure_channel(secure_server, credentials(certs)) as channel:
+        with pytest.raises(grpc.RpcError) as err:   # unary-unary
+            generation_pb2_grpc.GenerationStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:   # stream-stream
+            list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        info = generation_pb2_grpc.GenerationStub(channel).ModelInfo(
+            pb.ModelInfoRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
+        assert info.vocab_size > 0
+
+
+def test_the_token_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
+    from scheduler_service.auth import load_token
+
+    monkeypatch.delenv("SARATHI_TOKEN", raising=False)
+    assert load_token(None) is None
+    monkeypatch.setenv("SARATHI_TOKEN", "from-env")
+    assert load_token(None) == "from-env"
+    (tmp_path / "t").write_text("  from-file\n")
+    assert load_token(str(tmp_path / "t")) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit):
+        load_token(str(tmp_path / "empty"))
