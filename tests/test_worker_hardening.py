@@ -10,11 +10,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import pytest
+import torch
 from conftest import ROOT
+from test_worker_step_stream import FakeExecutor
 
+import worker_service.server as server_module
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from sarathi_common.lifecycle import dies_with_this_process
@@ -123,3 +127,35 @@ def test_init_cache_refuses_what_cannot_fit_and_keeps_its_cache(worker):
     # The cache of NUM_BLOCKS is still there: a plan using its last block runs.
     (result,) = step(stub, plan(new_sequences=new_seq(block_table=[NUM_BLOCKS - 1])))
     assert list(result.seq_ids) == [7]
+
+
+def test_a_failed_allocation_puts_the_previous_cache_back():
+    """The memory check can pass and the allocation still fail (fragmentation, another
+    process): the worker allocates its previous cache again. An executor that fails large
+    allocations, in the service itself."""
+    class FailsLarge(FakeExecutor):
+        calls: list[int] = []
+
+        def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:
+            self.calls.append(num_blocks)
+            if num_blocks > 100:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return num_blocks * block_size
+
+    executor = FailsLarge()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handlers = server_module.method_handlers(server_module.WorkerService(executor, 0, 1 << 20))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server_module.SERVICE, handlers),))
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            stub.InitCache(wpb.InitCacheRequest(num_blocks=50, block_size=16), timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.InitCache(wpb.InitCacheRequest(num_blocks=1000, block_size=16), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "previous cache stays" in err.value.details()
+        assert executor.calls == [50, 1000, 50]
+    finally:
+        server.stop(0)

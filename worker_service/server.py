@@ -63,6 +63,7 @@ class WorkerService:
         self.last_plan = 0.0                  # monotonic time of the latest plan
         self.cache_bytes = 0                  # the KV cache InitCache allocated (freed by the next)
         self.host_cache_bytes = 0
+        self.cache_shape: tuple[int, int, int] | None = None   # InitCache's arguments, last success
 
     def streaming(self) -> bool:
         """A scheduler holds the Step stream."""
@@ -113,9 +114,19 @@ class WorkerService:
                           f"{'' if ex.device.type == 'cpu' else f', {host_room >> 20} MiB on the host'}; "
                           f"Describe says how many blocks fit")
         with self._stream_lock:
-            cache_bytes = ex.init_cache(request.num_blocks, request.block_size, request.num_host_blocks)
+            try:
+                cache_bytes = ex.init_cache(request.num_blocks, request.block_size, request.num_host_blocks)
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                # The check above was not enough (fragmentation, another process): put the cache
+                # this worker had back, so that its scheduler can go on.
+                if self.cache_shape is not None:
+                    ex.init_cache(*self.cache_shape)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"allocating {request.num_blocks} KV blocks failed ({type(e).__name__}); "
+                              f"the previous cache stays: ask for fewer (Describe says how many fit)")
         self.cache_bytes = cache_bytes
         self.host_cache_bytes = request.num_host_blocks * per_block
+        self.cache_shape = (request.num_blocks, request.block_size, request.num_host_blocks)
         return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
 
     def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:
