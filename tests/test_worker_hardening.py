@@ -45,6 +45,7 @@ def worker() -> Iterator[tuple[worker_pb2_grpc.WorkerStub, wpb.DescribeResponse]
                 raise
             time.sleep(0.2)
     stub.InitCache(wpb.InitCacheRequest(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE), timeout=30)
+    stub.port = port
     yield stub, info
     channel.close()
     os.killpg(proc.pid, signal.SIGKILL)
@@ -127,6 +128,16 @@ def test_init_cache_refuses_what_cannot_fit_and_keeps_its_cache(worker):
     # The cache of NUM_BLOCKS is still there: a plan using its last block runs.
     (result,) = step(stub, plan(new_sequences=new_seq(block_table=[NUM_BLOCKS - 1])))
     assert list(result.seq_ids) == [7]
+
+
+def test_a_second_worker_on_a_busy_port_exits_with_one_line(worker):
+    stub, _ = worker
+    proc = subprocess.run([sys.executable, "-m", "sarathi.cli", "worker", "--port", str(stub.port),
+                           "--model", "dummy:tiny", "--threads", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert any("in use" in line for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_failed_allocation_puts_the_previous_cache_back():
