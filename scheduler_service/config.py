@@ -12,6 +12,7 @@ from scheduler_service.policies import POLICIES, PolicyConfig
 
 _GROUP = "scheduler"
 _FAULTS = "replicas and faults"
+_SECURITY = "security"
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,23 @@ class SchedulerConfig:
     memory_fraction: float = option(0.9, "share of the worker's free memory the KV cache may take",
                                     group=_GROUP)
     tokenizer: str | None = option(None, "tokenizer folder (default: the model's)", group=_GROUP)
+    max_message_mb: float = option(
+        4.0, "largest request a client may send, in MiB (default: 4; a prompt of a few hundred "
+             "thousand tokens needs more)", group=_GROUP)
     max_queue: int = option(4096, "requests in flight before RESOURCE_EXHAUSTED", group=_GROUP)
     overlap: bool = option(True, "wait for each step's result before scheduling the next (default: "
                                  "overlap)", flag="--no-overlap", group=_GROUP)
     metrics_port: int | None = option(None, "serve Prometheus metrics at http://HOST:PORT/metrics "
                                             "(default: off)", group=_GROUP)
+    token_file: str | None = option(
+        None, "require `authorization: Bearer TOKEN` on every call but health (UNAUTHENTICATED "
+              "otherwise); the file holds the token (default: $SARATHI_TOKEN, or no token)",
+        group=_SECURITY)
+    tls_cert_file: str | None = option(None, "serve the API over TLS with this PEM certificate "
+                                             "(chain)", group=_SECURITY)
+    tls_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
+    tls_client_ca_file: str | None = option(
+        None, "require client certificates signed by these PEM CAs (mutual TLS)", group=_SECURITY)
     step_timeout_seconds: float = option(
         120.0, "a replica that returns no result for this long is lost (hung or stopped): its "
                "requests move to another replica (default: 120)", group=_FAULTS)

@@ -36,6 +36,8 @@ class ServerMetrics:
                                   "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hit = Gauge("sarathi_prefix_cache_hit_tokens_total",
                                 "Prompt tokens found in the prefix cache", registry=r)
+        # reason: stop, length, abort (the engine's), cancelled (by the client), timeout (its
+        # deadline), rejected (can never fit the cache), failed (no replica, engine failed).
         self.finished = Counter("sarathi_requests_finished", "Requests ended, by reason", ["reason"],
                                 registry=r)
         # idle / (idle + busy) over a window is the share of time the device waited for the host.
@@ -94,6 +96,7 @@ class ServerMetrics:
 
     def observe_replicas(self, e: ReplicasChanged) -> None:
         self.replicas_serving.set(e.num_serving)
+        self.kv_total.set(e.num_kv_blocks)   # known from the start, not only after a step
         self.replica_events.labels(e.change).inc()
         self.replayed.inc(e.num_replayed)
         if e.change in ("lost", "drained"):

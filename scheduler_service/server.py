@@ -10,15 +10,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
+from sarathi_common.net import listen
+from scheduler_service.auth import BearerTokenInterceptor, load_token, server_credentials
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.engine_client import EngineClient
@@ -40,6 +45,13 @@ log = logging.getLogger("sarathi.frontend")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 OPERATOR_SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Operator"].full_name
 DEFAULT_MAX_TOKENS = 16
+DEADLINE_SLACK_S = 0.5
+# Sampling ranges. A positive temperature below MIN_TEMPERATURE overflows the scaled logits
+# (1e-45 gives NaN probabilities), one above MAX_TEMPERATURE is uniform noise.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 64, 1024, 1024
+# Roles the chat template gives a meaning to; any other is refused before templating.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 _FINISH = {FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
            FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
@@ -50,10 +62,40 @@ class BadRequest(ValueError):
     """Maps to INVALID_ARGUMENT; the message says what is wrong."""
 
 
+class Undecodable:
+    """A request whose bytes are not a GenerateRequest (e.g. a string field that is not UTF-8).
+    gRPC would answer a deserializer's exception with UNKNOWN before any handler ran; the
+    handler answers this one with INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _max_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters one token covers: its longest vocabulary entry (a
+    byte-level entry has one character per byte, so it bounds the decoded characters too), times
+    4 where a normalizer may compose several characters into one."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizes = backend is None or backend.normalizer is not None
+    return longest * (4 if normalizes else 1)
+
+
+def _decode_generate(data: bytes):
+    try:
+        return generation_pb2.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return Undecodable(str(e) or "malformed message")
+
+
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, engine: EngineClient, tokenizer, model_name: str, max_queue: int) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        # Tokenizing and chat templating run here, off the event loop, so that a huge prompt
+        # delays only its own call (the Rust tokenizer lets go of the GIL while it works).
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.max_chars_per_token = _max_chars_per_token(tokenizer) if tokenizer is not None else 0
         self.model_name = model_name
         self.max_queue = max_queue
         self._ids = itertools.count(1)
@@ -72,10 +114,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down: retry")
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid GenerateRequest (strings must be UTF-8): "
+                                f"{request.error}")
         info = await self._ready_info(context)
         try:
-            prompt_ids = self._prompt_ids(request, info)
             params = request.sampling
+            self._check_sampling(params, info)   # cheap checks before tokenizing
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                self.tokenize_pool, self._prompt_ids, request, info)
             max_tokens, options, stop_ids = self._sampling(params, info, len(prompt_ids))
         except BadRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -96,14 +144,17 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             while True:
                 msg = await stream.queue.get()
-                if isinstance(msg, RequestRejected):
+                if isinstance(msg, RequestRejected):   # it can never fit: retrying cannot help
                     finished = True
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, msg.message)
+                    metrics.finished.labels("rejected").inc()
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg.message)
                 if isinstance(msg, RequestFailed):
                     finished = True
+                    metrics.finished.labels("failed").inc()
                     await context.abort(grpc.StatusCode.UNAVAILABLE, msg.message)
                 if isinstance(msg, EngineFailed):
                     finished = True
+                    metrics.finished.labels("failed").inc()
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler failed: {msg.message}")
                 assert isinstance(msg, RequestUpdate)
                 completion += len(msg.new_token_ids)
@@ -138,8 +189,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     return
         finally:
             self.engine.streams.pop(seq_id, None)
-            if not finished:  # cancelled by the client, or the connection dropped
+            if not finished:  # cancelled by the client, its deadline, or the connection dropped
                 self._abort(seq_id)
+                # The client's deadline passes a little before the server's copy of it (which
+                # started when the call arrived): within DEADLINE_SLACK_S it counts as a timeout.
+                remaining = context.time_remaining()
+                timed_out = remaining is not None and remaining <= DEADLINE_SLACK_S
+                metrics.finished.labels("timeout" if timed_out else "cancelled").inc()
             self.stream_ended.set()
 
     def _abort(self, seq_id: int) -> None:
@@ -166,6 +222,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         else:
             if self.tokenizer is None:
                 raise BadRequest("this model has no tokenizer: send token_ids")
+            self._check_text_length(request, kind, info)
             if kind == "text":
                 if not request.text:
                     raise BadRequest("empty prompt: text is empty")
@@ -174,6 +231,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
                 if not messages:
                     raise BadRequest("empty prompt: chat has no messages")
+                for i, m in enumerate(messages):
+                    if m["role"] not in CHAT_ROLES:
+                        raise BadRequest(f"chat message {i}: unknown role {m['role'][:40]!r}; roles are "
+                                         f"{', '.join(sorted(CHAT_ROLES))}")
                 try:
                     ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                              tokenize=True, return_dict=False)
@@ -189,28 +250,53 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                              f"and at least one token must be generated")
         return ids
 
-    def _sampling(self, p, info: EngineReady, prompt_len: int):
-        max_tokens = p.max_tokens if p.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        if max_tokens < 1:
-            raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
-        temperature = p.temperature if p.HasField("temperature") else 1.0
-        if temperature < 0 or temperature != temperature:
-            raise BadRequest(f"temperature must be >= 0, got {temperature}")
-        top_p = p.top_p if p.HasField("top_p") else 1.0
-        if not 0 < top_p <= 1:
-            raise BadRequest(f"top_p must be in (0, 1], got {top_p}")
+    def _check_text_length(self, request, kind: str, info: EngineReady) -> None:
+        """Text too long to fit the context whatever it tokenizes to is refused without
+        tokenizing it (seconds of CPU and a gigabyte of memory for a 16 MB prompt)."""
+        chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
+        limit = info.max_model_len * self.max_chars_per_token
+        if chars > limit:
+            raise BadRequest(f"prompt has {chars} characters: more than the model's context of "
+                             f"{info.max_model_len} tokens can hold (at most {limit} characters)")
+
+    def _check_sampling(self, p, info: EngineReady) -> None:
+        """Every sampling field, for finiteness and range (proto floats may be NaN or inf)."""
+        if p.HasField("max_tokens") and p.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1, got {p.max_tokens}")
+        if p.HasField("temperature"):
+            t = p.temperature
+            if not math.isfinite(t) or t < 0:
+                raise BadRequest(f"temperature must be a finite number >= 0, got {t}")
+            if t != 0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+                raise BadRequest(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                                 f"{MAX_TEMPERATURE:g}, got {t:g}")
+        if p.HasField("top_p") and not (math.isfinite(p.top_p) and 0 < p.top_p <= 1):
+            raise BadRequest(f"top_p must be in (0, 1], got {p.top_p}")
         if p.top_k < 0:
-            raise BadRequest(f"top_k must be >= 0, got {p.top_k}")
+            raise BadRequest(f"top_k must be >= 0 (0: off), got {p.top_k}")
+        if len(p.stop) > MAX_STOP_STRINGS:
+            raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+        if any(not s for s in p.stop):
+            raise BadRequest("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in p.stop):
+            raise BadRequest(f"stop strings may have at most {MAX_STOP_CHARS} characters")
+        if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise BadRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(p.stop_token_ids)}")
         bad = [t for t in p.stop_token_ids if t >= info.vocab_size]
         if bad:
             raise BadRequest(f"unknown stop token id {bad[0]}: the vocabulary has {info.vocab_size} tokens")
-        if any(not s for s in p.stop):
-            raise BadRequest("stop strings must not be empty")
+
+    def _sampling(self, p, info: EngineReady, prompt_len: int):
+        """The engine's settings of a request _check_sampling passed."""
+        max_tokens = p.max_tokens if p.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        temperature = p.temperature if p.HasField("temperature") else 1.0
+        top_p = p.top_p if p.HasField("top_p") else 1.0
+        top_k = p.top_k if p.top_k < info.vocab_size else 0   # k >= the vocabulary keeps every token
         stop_ids = set(p.stop_token_ids)
         if not p.ignore_eos:
             stop_ids.update(info.eos_token_ids)
         max_tokens = min(max_tokens, info.max_model_len - prompt_len)
-        options = SamplingOptions(temperature=temperature, top_p=top_p, top_k=p.top_k,
+        options = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k,
                                   seed=p.seed if p.HasField("seed") else None)
         return max_tokens, options, frozenset(stop_ids)
 
@@ -243,6 +329,20 @@ class MembershipService(worker_pb2_grpc.MembershipServicer):
         return worker_pb2.JoinResponse(known=known)
 
 
+def add_generation_service(service: GenerationService, server) -> None:
+    """add_GenerationServicer_to_server, with Generate's request decoded by _decode_generate."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=_decode_generate,
+            response_serializer=generation_pb2.GenerateResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.ModelInfo, request_deserializer=generation_pb2.ModelInfoRequest.FromString,
+            response_serializer=generation_pb2.ModelInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) -> None:
     """Runs the gRPC API until SIGTERM or SIGINT, then drains: new calls get UNAVAILABLE and
     health NOT_SERVING, open streams have up to --drain-seconds to finish. The engine process
@@ -262,9 +362,13 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
             loop.create_task(health_servicer.set(name, status))
 
     engine = EngineClient(config, metrics, on_health=set_health)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    token = load_token(config.token_file)
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(token)] if token else [], options=[
+        ("grpc.max_receive_message_length", int(config.max_message_mb * (1 << 20))),
+        ("grpc.so_reuseport", 0)])   # a port in use fails here instead of being shared
     service = GenerationService(engine, tokenizer, model_name, config.max_queue)
-    generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    add_generation_service(service, server)
     generation_pb2_grpc.add_OperatorServicer_to_server(OperatorService(engine), server)
     worker_pb2_grpc.add_MembershipServicer_to_server(MembershipService(engine), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -273,10 +377,10 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
          reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
+    listen(server, host, port, "sarathi", credentials)
     await server.start()
-    log.info("gRPC API on %s:%d (health NOT_SERVING until a worker has its cache)", host, port)
+    log.info("gRPC API on %s:%d%s%s (health NOT_SERVING until a worker has its cache)", host, port,
+             " over TLS" if credentials else "", ", bearer token required" if token else "")
     engine.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

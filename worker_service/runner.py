@@ -7,6 +7,7 @@ block tables) and fails loudly when it does not. A single-process worker serves 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -216,6 +217,7 @@ class ModelRunner:
         t0 = time.perf_counter_ns()
         if not self.kv_caches:
             raise PlanError("Step before InitCache: allocate the KV cache first")
+        check_plan(plan, self.num_blocks, self.config.vocab_size, self.config.max_model_len)
         if plan.swap_out_device_blocks or plan.swap_in_device_blocks:
             self._drain()   # swaps copy through host memory: let earlier steps land first
         try:
@@ -434,3 +436,39 @@ class ModelRunner:
                 sample_seqs.append(seq_id)
         return HostBatch(input_ids, positions, slots, query_start, context_lens, tables,
                          sample_rows, sample_seqs, list(on_device.values()))
+
+
+def check_plan(plan: BatchPlan, num_blocks: int, vocab_size: int, max_model_len: int) -> None:
+    """Bounds of every field a plan indexes with, before anything is applied: a block id outside
+    the cache or a token outside the vocabulary would otherwise fail deep in a kernel (UNKNOWN),
+    or write where it must not. Raises PlanError naming the field."""
+    step = plan.step_id
+    n = len(plan.seq_ids)
+    for name in ("num_computed_tokens", "num_scheduled_tokens", "new_block_counts"):
+        if len(getattr(plan, name)) != n:
+            raise PlanError(f"step {step}: {name} has {len(getattr(plan, name))} entries for {n} seq_ids")
+    if len(set(plan.seq_ids)) != n:
+        raise PlanError(f"step {step}: seq_ids: a sequence is scheduled twice")
+    if sum(plan.new_block_counts) != len(plan.new_block_ids):
+        raise PlanError(f"step {step}: new_block_counts add up to {sum(plan.new_block_counts)} but "
+                        f"new_block_ids has {len(plan.new_block_ids)}")
+    if plan.new_block_ids and max(plan.new_block_ids) >= num_blocks:
+        raise PlanError(f"step {step}: new_block_ids: block {max(plan.new_block_ids)} is outside the "
+                        f"cache of {num_blocks} blocks")
+    if any(t > max_model_len for t in plan.num_scheduled_tokens):
+        raise PlanError(f"step {step}: num_scheduled_tokens: more than the context of {max_model_len}")
+    for new in plan.new_sequences:
+        where = f"step {step}: new_sequences (sequence {new.seq_id})"
+        if len(new.token_ids) > max_model_len:
+            raise PlanError(f"{where}: token_ids: {len(new.token_ids)} tokens, more than the context "
+                            f"of {max_model_len}")
+        if new.token_ids and max(new.token_ids) >= vocab_size:
+            raise PlanError(f"{where}: token_ids: token {max(new.token_ids)} is outside the vocabulary "
+                            f"of {vocab_size}")
+        if new.block_table and max(new.block_table) >= num_blocks:
+            raise PlanError(f"{where}: block_table: block {max(new.block_table)} is outside the cache "
+                            f"of {num_blocks} blocks")
+        o = new.sampling
+        if not (math.isfinite(o.temperature) and o.temperature >= 0
+                and math.isfinite(o.top_p) and 0 <= o.top_p <= 1):
+            raise PlanError(f"{where}: sampling: temperature {o.temperature}, top_p {o.top_p} out of range")

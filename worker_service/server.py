@@ -18,9 +18,11 @@ from concurrent import futures
 from typing import Any, NoReturn
 
 import grpc
+import torch
 
 from protos import worker_pb2, worker_pb2_grpc
 from sarathi_common.lifecycle import exit_now
+from sarathi_common.net import listen
 from worker_service import memory
 from worker_service.config import JOIN_INTERVAL_S, WorkerConfig
 from worker_service.executor import Executor, ExecutorBroken, PlanError
@@ -33,10 +35,13 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
                 # (gRPC's default answers them with GOAWAY "too_many_pings" and a broken stream).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                ("grpc.http2.max_ping_strikes", 0)]
+                ("grpc.http2.max_ping_strikes", 0),
+                # A port in use fails to bind rather than being shared with the other server.
+                ("grpc.so_reuseport", 0)]
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 BROKEN_EXIT_CODE = 4
 BROKEN_EXIT_DELAY_S = 0.5   # for the UNAVAILABLE status to reach the scheduler first
+MAX_BLOCK_SIZE = 1024   # tokens per KV block InitCache accepts
 IDLE_S = 0.5   # draining: no plan for this long and none in flight, the scheduler has no work here
 
 
@@ -56,6 +61,9 @@ class WorkerService:
         self.dispatched = 0
         self.sent = 0
         self.last_plan = 0.0                  # monotonic time of the latest plan
+        self.cache_bytes = 0                  # the KV cache InitCache allocated (freed by the next)
+        self.host_cache_bytes = 0
+        self.cache_shape: tuple[int, int, int] | None = None   # InitCache's arguments, last success
 
     def streaming(self) -> bool:
         """A scheduler holds the Step stream."""
@@ -86,9 +94,39 @@ class WorkerService:
     def InitCache(self, request, context):
         if request.num_blocks < 1 or request.block_size < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be >= 1")
+        if request.block_size > MAX_BLOCK_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"block_size {request.block_size} is over {MAX_BLOCK_SIZE} tokens")
+        ex = self.executor
+        per_block = ex.bytes_per_block(request.block_size)
+        wanted = request.num_blocks * per_block
+        host_wanted = request.num_host_blocks * per_block
+        # What the device could hold once the current cache is freed: a size it cannot hold is
+        # refused before the current cache goes, so the worker keeps serving with it.
+        room = memory.free_memory_bytes(ex.device) + self.cache_bytes
+        host_room = memory.free_memory_bytes(torch.device("cpu")) + self.host_cache_bytes
+        if ex.device.type == "cpu":   # one memory for both caches
+            wanted, host_wanted = wanted + host_wanted, 0
+        if wanted > room or host_wanted > host_room:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{request.num_blocks} KV blocks (+{request.num_host_blocks} on the host) of "
+                          f"{per_block} bytes do not fit: {room >> 20} MiB available on {ex.device}"
+                          f"{'' if ex.device.type == 'cpu' else f', {host_room >> 20} MiB on the host'}; "
+                          f"Describe says how many blocks fit")
         with self._stream_lock:
-            cache_bytes = self.executor.init_cache(request.num_blocks, request.block_size,
-                                                   request.num_host_blocks)
+            try:
+                cache_bytes = ex.init_cache(request.num_blocks, request.block_size, request.num_host_blocks)
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                # The check above was not enough (fragmentation, another process): put the cache
+                # this worker had back, so that its scheduler can go on.
+                if self.cache_shape is not None:
+                    ex.init_cache(*self.cache_shape)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"allocating {request.num_blocks} KV blocks failed ({type(e).__name__}); "
+                              f"the previous cache stays: ask for fewer (Describe says how many fit)")
+        self.cache_bytes = cache_bytes
+        self.host_cache_bytes = request.num_host_blocks * per_block
+        self.cache_shape = (request.num_blocks, request.block_size, request.num_host_blocks)
         return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
 
     def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:
@@ -193,8 +231,7 @@ def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: in
     handlers = method_handlers(service)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
-    if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}: is the port in use?")
+    listen(server, config.host, config.port, name)
     server.start()
     print(f"{name}: listening on {config.host}:{config.port}", flush=True)
     if config.scheduler:

@@ -1,0 +1,80 @@
+"""Who may call the client API: a bearer token (`--token-file` or $SARATHI_TOKEN) checked in a
+server interceptor before any handler runs (the request is not even decoded), and TLS on the
+port (`--tls-cert-file`/`--tls-key-file`, client certificates with `--tls-client-ca-file`).
+
+Health stays open (load balancers probe it without credentials), and so does Membership.Join:
+workers announce themselves on it, and internal links get mutual TLS of their own (not yet).
+The token never appears in a log or an error message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/sarathi.v1.Membership/")
+TOKEN_ENV = "SARATHI_TOKEN"
+
+
+def load_token(token_file: str | None) -> str | None:
+    """The token from the file (surrounding whitespace dropped) or the environment; None: off."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"sarathi: the token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only answers UNAUTHENTICATED (its request
+    is left as bytes: nothing of an unauthenticated caller is parsed)."""
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming)
+    return grpc.unary_unary_rpc_method_handler(unary)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        sent = dict(details.invocation_metadata or ()).get("authorization")
+        if sent is None:
+            return _denied(handler, "missing token: send `authorization: Bearer TOKEN` metadata")
+        if isinstance(sent, str):
+            sent = sent.encode()
+        if not hmac.compare_digest(sent, self._expected):
+            return _denied(handler, "wrong token")
+        return handler
+
+
+def server_credentials(cert_file: str | None, key_file: str | None,
+                       client_ca_file: str | None) -> grpc.ServerCredentials | None:
+    """TLS credentials for the API port, or None for plaintext."""
+    if not cert_file and not key_file:
+        if client_ca_file:
+            raise SystemExit("sarathi: --tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        return None
+    if not (cert_file and key_file):
+        raise SystemExit("sarathi: TLS needs both --tls-cert-file and --tls-key-file")
+    pair = (Path(key_file).read_bytes(), Path(cert_file).read_bytes())
+    ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
