@@ -25,14 +25,23 @@ def exit_with_parent(parent_pid: int) -> None:
     may well be process 1."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # find_library runs ldconfig in a subprocess: never call it first in a forked child.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def dies_with_this_process() -> Callable[[], None]:
-    """A Popen preexec_fn that ties the child to the calling process."""
+    """A Popen preexec_fn that ties the child to the calling process. libc is loaded here, in
+    the parent: the child of a threaded process, between fork and exec, must not start
+    processes or take locks another thread may have held (it could wait for ever)."""
+    if sys.platform.startswith("linux"):
+        _libc()
     return functools.partial(exit_with_parent, os.getpid())
 
 

@@ -21,7 +21,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2_grpc
 from sarathi.client import wait_serving
-from sarathi_common.lifecycle import dies_with_this_process
 from sarathi_common.net import free_port
 
 PROMPTS = [[200 + 7 * i + j for j in range(24 + i % 5)] for i in range(16)]
@@ -30,8 +29,10 @@ WORKER = ("--threads", "1", "--cpu-cache-gib", "0.25")
 
 
 def spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sarathi.cli", *args], cwd=ROOT, start_new_session=True,
-                            preexec_fn=dies_with_this_process())
+    # No preexec_fn: the test process has threads (streams, gRPC), and running Python in a forked
+    # child of a threaded process can deadlock on a lock another thread held. Each process gets
+    # its own group, and the fixtures stop them.
+    return subprocess.Popen([sys.executable, "-m", "sarathi.cli", *args], cwd=ROOT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
