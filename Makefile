@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup protos demo serve test lint clean
+.PHONY: setup protos demo serve test test-slow lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ test: setup
 	$(PY) -m protos.generate --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -m 'not slow' tests
+
+# Whole-cluster fault drills (kill -9, SIGSTOP, engine death, SIGTERM per role) and a fresh
+# torch-less install: minutes each, so apart from `make test`; CI runs both.
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

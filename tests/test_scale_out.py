@@ -23,6 +23,8 @@ from protos import generation_pb2_grpc
 from sarathi.client import wait_serving
 from sarathi_common.net import free_port
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [[200 + 7 * i + j for j in range(24 + i % 5)] for i in range(16)]
 NEW_TOKENS = 48
 WORKER = ("--threads", "1", "--cpu-cache-gib", "0.25")
