@@ -253,3 +253,18 @@ def long_token_ids(hf_model) -> list[int]:
     ids = tok.encode(LONG_TEXT * 8, add_special_tokens=False)
     assert len(ids) >= 700
     return ids
+
+
+def serve_executor(executor, max_workers: int = 4) -> tuple[grpc.Server, int]:
+    """The worker's real gRPC service, in this process, around `executor` (a test's stand-in for
+    the model): returns the started server and its port."""
+    from concurrent import futures
+
+    from worker_service import server as server_module
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    handlers = server_module.method_handlers(server_module.WorkerService(executor, 0, 1 << 20))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server_module.SERVICE, handlers),))
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    return server, port

@@ -10,15 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, serve_executor
 from test_worker_step_stream import FakeExecutor
 
-import worker_service.server as server_module
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
 from sarathi_common.lifecycle import dies_with_this_process
@@ -154,11 +152,7 @@ def test_a_failed_allocation_puts_the_previous_cache_back():
             return num_blocks * block_size
 
     executor = FailsLarge()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handlers = server_module.method_handlers(server_module.WorkerService(executor, 0, 1 << 20))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server_module.SERVICE, handlers),))
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    server.start()
+    server, port = serve_executor(executor, max_workers=2)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)

@@ -8,16 +8,15 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
 import torch
+from conftest import serve_executor
 
 import worker_service.server as server_module
 from protos import worker_pb2, worker_pb2_grpc
 from protos.batch_plan import BatchPlan, StepOutput
-from sarathi_common.net import free_port
 from worker_service.executor import ExecutorBroken, PlanError
 from worker_service.models.config import ModelConfig
 
@@ -65,11 +64,7 @@ def worker(monkeypatch) -> Iterator[tuple[worker_pb2_grpc.WorkerStub, FakeExecut
     exits: list[int] = []
     monkeypatch.setattr(server_module, "exit_now", exits.append)   # the test process stays
     executor = FakeExecutor()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    handlers = server_module.method_handlers(server_module.WorkerService(executor, 0, 1 << 20))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(server_module.SERVICE, handlers),))
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    server.start()
+    server, port = serve_executor(executor, max_workers=4)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield worker_pb2_grpc.WorkerStub(channel), executor, exits
     channel.close()
