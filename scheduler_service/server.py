@@ -22,8 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
+from sarathi_common.auth import BearerTokenInterceptor, load_token, server_credentials
 from sarathi_common.net import listen
-from scheduler_service.auth import BearerTokenInterceptor, load_token, server_credentials
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
 from scheduler_service.engine_client import EngineClient

@@ -150,7 +150,7 @@ def test_every_kind_of_call_but_health_needs_the_token(secure_server, certs):
 
 
 def test_the_token_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
-    from scheduler_service.auth import load_token
+    from sarathi_common.auth import load_token
 
     monkeypatch.delenv("SARATHI_TOKEN", raising=False)
     assert load_token(None) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -78,3 +79,40 @@ def server_credentials(cert_file: str | None, key_file: str | None,
     pair = (Path(key_file).read_bytes(), Path(cert_file).read_bytes())
     ca = Path(client_ca_file).read_bytes() if client_ca_file else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass(frozen=True)
+class InternalTLS:
+    """Mutual TLS for the deployment's own links (router-scheduler, scheduler-worker): both ends
+    hold a certificate signed by the deployment's CA and accept only peers that do."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    @classmethod
+    def from_files(cls, ca_file: str | None, cert_file: str | None,
+                   key_file: str | None) -> InternalTLS | None:
+        """None when none of the three is set (plaintext internal links); all three or a
+        one-line error."""
+        given = [f for f in (ca_file, cert_file, key_file) if f]
+        if not given:
+            return None
+        if len(given) != 3:
+            raise SystemExit("sarathi: internal mutual TLS needs --internal-ca-file, "
+                             "--internal-cert-file and --internal-key-file together")
+        return cls(ca_file, cert_file, key_file)  # type: ignore[arg-type]
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        return (Path(self.ca_file).read_bytes(), Path(self.cert_file).read_bytes(),
+                Path(self.key_file).read_bytes())
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        ca, cert, key = self._read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self._read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                            certificate_chain=cert)
