@@ -118,8 +118,7 @@ class Router:
                     outcome = "unavailable"
                     await context.abort(grpc.StatusCode.UNAVAILABLE, (
                         "no scheduler is serving: retry when health is SERVING" if not tried else
-                        f"the scheduler failed before the first token, and {len(tried) - 1 or 'no'} "
-                        f"other is serving: retry"))
+                        "its scheduler failed before the first token and no other is serving: retry"))
                 tried.add(member.address)
                 ticket = self.pool.acquire(member, r.prompt_tokens, r.max_tokens)
                 call = member.channel.unary_stream(GENERATE)(

@@ -164,7 +164,8 @@ def test_greedy_tokens_through_the_router_equal_those_from_a_scheduler_directly(
     requests += [text_request(f"Story {i}: the lighthouse keeper", 24) for i in range(4)]
     with ThreadPoolExecutor(8) as pool:
         routed = list(pool.map(lambda r: generate(router.address, r), requests))
-    direct = [generate(schedulers[0].address, r) for r in requests]
+    with ThreadPoolExecutor(8) as pool:
+        direct = list(pool.map(lambda r: generate(schedulers[0].address, r), requests))
     assert [t for t, _, _ in routed] == [t for t, _, _ in direct]
     assert {s for _, s, _ in routed} == {s.address for s in schedulers}   # both served some
 
@@ -184,8 +185,8 @@ def test_least_outstanding_work_gives_a_slow_scheduler_fewer_requests(schedulers
             done.wait(0.1)
 
     def client(c: int) -> list[str]:
-        return [generate(router.address, text_request(f"Client {c} request {i}: tell a story", 12))[1]
-                for i in range(6)]
+        return [generate(router.address, text_request(f"Client {c} request {i}: tell a story", 8))[1]
+                for i in range(5)]
 
     throttler = threading.Thread(target=throttle)
     throttler.start()
@@ -198,8 +199,8 @@ def test_least_outstanding_work_gives_a_slow_scheduler_fewer_requests(schedulers
         os.kill(worker, signal.SIGCONT)
     print(f"\nrequests per scheduler: fast {served[fast.address]}, slow {served[slow.address]}")
     # Round robin would give each half; least outstanding work sends the slow one far fewer.
-    assert served[slow.address] + served[fast.address] == 36
-    assert served[slow.address] < 36 / 3
+    assert served[slow.address] + served[fast.address] == 30
+    assert served[slow.address] < 30 / 3
 
 
 def test_prefix_affinity_keeps_a_shared_prefix_on_one_scheduler_while_load_stays_balanced(
@@ -227,6 +228,13 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_scheduler_while_load_stays
     print(f"\nprefix-cache hit rate at {target}: {hit / query:.2f} ({hit:.0f} of {query:.0f} prompt tokens); "
           f"requests per scheduler {dict(total_at)}")
     assert hit / query > 0.6
+
+
+def test_a_router_given_a_dns_name_routes_to_the_schedulers_it_resolves_to(schedulers, router_factory):
+    # localhost may also resolve to ::1, where nothing listens: that address never passes health.
+    router = router_factory("--scheduler-dns", f"localhost:{schedulers[0].port}", "--dns-interval", "1",
+                            wait_members=1)
+    assert generate(router.address, text_request("By name", 4))[1] == schedulers[0].address
 
 
 def test_a_killed_scheduler_is_out_of_rotation_within_5_seconds(schedulers, victim, router_factory):

@@ -7,7 +7,7 @@ between tokens and whole-request time per path, the differences (the router's sh
 router's own CPU time per token and per request. It also times what decoding and re-encoding each
 response would add, which the router avoids by passing responses through as bytes.
 
-    python -m benchmarks.host.router_overhead                       # 64 and 256 streams x 32 tokens
+    python -m benchmarks.host.router_overhead                       # 64 and 256 streams x 16 tokens
     python -m benchmarks.host.router_overhead --streams 16 --max-tokens 8 --rounds 1
 """
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", default="64,256", help="concurrent streams, comma-separated "
                                                            "(default 64,256)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per stream (default 16)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per path, alternating (default 2)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra flag for `sarathi serve` (repeat), e.g. --server-arg=--threads=2")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     port, router_port = free_port(), free_port()
     serve = subprocess.Popen([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
-                              "--cpu-cache-gib", "0.5", "--max-queue", "100000", *args.server_arg],
+                              "--cpu-cache-gib", "2", "--max-queue", "100000", *args.server_arg],
                              start_new_session=True, preexec_fn=dies_with_this_process(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     router = subprocess.Popen([sys.executable, "-m", "router_service", "--port", str(router_port),

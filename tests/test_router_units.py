@@ -1,5 +1,5 @@
-"""The router's placement policy, its prompt keys, DNS targets and settings: pure functions,
-properties checked with hypothesis (no processes)."""
+"""The router's placement policy, its prompt keys, DNS targets and settings: pure functions and
+properties checked with hypothesis, and its one-line refusal to start without schedulers."""
 
 from __future__ import annotations
 
@@ -170,3 +170,15 @@ def test_the_router_config_comes_from_its_flags():
     assert config.static_schedulers() == ("a:1", "b:2")
     assert config.placement_policy().balance_abs == 10
     assert config.join_port == 7
+
+
+def test_a_router_with_no_way_to_find_schedulers_says_how_in_one_line():
+    import subprocess
+    import sys
+
+    from sarathi_common.net import free_port
+
+    out = subprocess.run([sys.executable, "-m", "router_service", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("sarathi router: no schedulers: name them")
