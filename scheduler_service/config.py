@@ -70,6 +70,23 @@ class SchedulerConfig:
     tls_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
     tls_client_ca_file: str | None = option(
         None, "require client certificates signed by these PEM CAs (mutual TLS)", group=_SECURITY)
+    internal_ca_file: str | None = option(
+        None, "mutual TLS on the links to workers (and routers): the deployment's CA (PEM); with "
+              "--internal-cert-file and --internal-key-file, workers are dialled over TLS with this "
+              "certificate and must present one the CA signed", group=_SECURITY)
+    internal_cert_file: str | None = option(None, "this scheduler's certificate for the internal "
+                                                  "links (PEM, signed by --internal-ca-file)",
+                                            group=_SECURITY)
+    internal_key_file: str | None = option(None, "the internal certificate's PEM private key",
+                                           group=_SECURITY)
+    internal_port: int | None = option(
+        None, "serve Membership (workers join here) on this port instead of the API port, with "
+              "mutual TLS when internal TLS is set; with internal TLS and no internal port, workers "
+              "cannot join (name them with --worker)", group=_SECURITY)
+    internal_peer_name: str | None = option(
+        None, "the DNS name every worker's certificate carries, checked instead of the host dialled "
+              "(workers are often reached by IP; deploy/dev-certs.sh puts sarathi-worker in theirs; "
+              "default: the host dialled)", group=_SECURITY)
     step_timeout_seconds: float = option(
         120.0, "a replica that returns no result for this long is lost (hung or stopped): its "
                "requests move to another replica (default: 120)", group=_FAULTS)
