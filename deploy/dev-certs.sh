@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# A development CA and certificates for TLS on the API (and, later, mutual TLS between the
-# services). Not for production: keys are unencrypted and the CA lives beside them.
+# A development CA and certificates for TLS on the API and mutual TLS between the services.
+# Not for production: keys are unencrypted and the CA lives beside them.
 #
 #   deploy/dev-certs.sh DIR [NAME...]
 #
-# writes DIR/ca.pem and DIR/ca.key (the CA), DIR/server.pem and DIR/server.key (valid for
-# localhost, 127.0.0.1 and each NAME: a host name or an IP address), and DIR/client.pem and
-# DIR/client.key (a client certificate for mutual TLS). Then, for example:
+# writes DIR/ca.pem and DIR/ca.key (the CA), and, each as NAME.pem + NAME.key:
+#   server   the API's certificate (localhost, 127.0.0.1 and each NAME: a host name or an IP)
+#   client   a client certificate for the API's mutual TLS (--tls-client-ca-file)
+#   scheduler, worker, router
+#            the internal links' certificates (--internal-cert-file/--internal-key-file, with
+#            --internal-ca-file DIR/ca.pem), each good for both ends of a TLS link; valid for
+#            localhost, 127.0.0.1, each NAME and its role's name: sarathi-scheduler,
+#            sarathi-worker, sarathi-router (workers are dialled by IP: the scheduler checks that
+#            name with --internal-peer-name sarathi-worker)
+# Then, for example:
 #
 #   sarathi serve --tls-cert-file DIR/server.pem --tls-key-file DIR/server.key
 #   Client("127.0.0.1:50051", tls=TLS(ca_file="DIR/ca.pem"))
+#   sarathi scheduler --internal-port 50052 --internal-ca-file DIR/ca.pem \
+#     --internal-cert-file DIR/scheduler.pem --internal-key-file DIR/scheduler.key \
+#     --internal-peer-name sarathi-worker
+#   sarathi worker --scheduler 127.0.0.1:50052 --internal-ca-file DIR/ca.pem \
+#     --internal-cert-file DIR/worker.pem --internal-key-file DIR/worker.key
+#
+# Only file names are printed: no key is ever written to the terminal or a log.
 set -euo pipefail
 dir=${1:?usage: $0 DIR [NAME...]}
 shift
@@ -35,6 +49,10 @@ issue() {  # issue NAME EXTENSIONS
 issue server "subjectAltName=$san
 extendedKeyUsage=serverAuth"
 issue client "extendedKeyUsage=clientAuth"
+for role in scheduler worker router; do
+  issue "$role" "subjectAltName=$san,DNS:sarathi-$role
+extendedKeyUsage=serverAuth,clientAuth"
+done
 rm -f "$dir/ca.srl"
 chmod 644 "$dir"/*.pem
-echo "$dir: ca.pem, server.pem/key ($san), client.pem/key"
+echo "$dir: ca.pem, server.pem/key ($san), client.pem/key; internal: scheduler, worker, router .pem/key"

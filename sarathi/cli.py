@@ -19,6 +19,8 @@ from worker_service.config import WorkerConfig
 
 # Where a service listens: for `serve`, the scheduler's address (its worker takes loopback).
 _ADDRESS = ("host", "port")
+# Internal TLS files: one set of flags under `serve`, shared by the scheduler and its worker.
+_INTERNAL_TLS = ("internal_ca_file", "internal_cert_file", "internal_key_file")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +83,8 @@ def serve_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, WorkerConf
     worker_port = args.worker_port
     while worker_port is None or worker_port == scheduler.port:  # the API port may not be bound yet
         worker_port = free_port()
-    worker = from_namespace(WorkerConfig, args, host="127.0.0.1", port=worker_port)
+    worker = from_namespace(WorkerConfig, args, host="127.0.0.1", port=worker_port,
+                            **{name: getattr(scheduler, name) for name in _INTERNAL_TLS})
     return scheduler, serve_worker_config(worker, scheduler, worker.port)
 
 
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API on this port (a `sarathi gateway` "
                         "process; it takes its API key from $SARATHI_API_KEY)")
-    add_options(p, WorkerConfig, skip=(*_ADDRESS, "scheduler", "advertise", "drain_seconds"))
+    add_options(p, WorkerConfig, skip=(*_ADDRESS, "scheduler", "advertise", "drain_seconds", *_INTERNAL_TLS,
+                                       "internal_peer_name"))
     add_options(p, SchedulerConfig, skip=(*_ADDRESS, "worker", "model"))
     add_config_file_option(p)
 

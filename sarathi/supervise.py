@@ -30,7 +30,8 @@ def serve_worker_config(worker: WorkerConfig, scheduler: SchedulerConfig, port: 
 
 def worker_command(worker: WorkerConfig) -> list[str]:
     """The worker process `serve` starts; a replica's rank 0 starts its other ranks itself."""
-    return [sys.executable, "-m", "worker_service", *to_flags(worker, (*WorkerConfig.SHARED, "host", "port"))]
+    return [sys.executable, "-m", "worker_service",
+            *to_flags(worker, (*WorkerConfig.SHARED, *WorkerConfig.SECURITY, "host", "port"))]
 
 
 def gateway_command(scheduler: SchedulerConfig, http_port: int) -> list[str]:

@@ -2,9 +2,10 @@
 server interceptor before any handler runs (the request is not even decoded), and TLS on the
 port (`--tls-cert-file`/`--tls-key-file`, client certificates with `--tls-client-ca-file`).
 
-Health stays open (load balancers probe it without credentials), and so does Membership.Join:
-workers announce themselves on it, and internal links get mutual TLS of their own (not yet).
-The token never appears in a log or an error message.
+Health stays open (load balancers probe it without credentials). Membership.Join is open on the
+API port only while internal TLS is off: with it, the scheduler serves Membership on its
+--internal-port alone, behind mutual TLS (InternalTLS). The token never appears in a log or an
+error message.
 """
 
 from __future__ import annotations
@@ -116,3 +117,19 @@ class InternalTLS:
         ca, cert, key = self._read()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                             certificate_chain=cert)
+
+    def channel_options(self, peer_name: str | None) -> list[tuple[str, str]]:
+        """Channel options checking the peer's certificate for `peer_name` instead of the host
+        dialled: workers are reached by addresses (pod IPs) no static certificate can name, so
+        their certificates carry a role name (deploy/dev-certs.sh: sarathi-worker) instead."""
+        return [("grpc.ssl_target_name_override", peer_name)] if peer_name else []
+
+
+def caller_identity(context) -> str:
+    """Who is calling, for a sync gRPC servicer: the subject of the client certificate under
+    mutual TLS (stable across the caller's connections and restarts), else its connection
+    (address and port: stable for one channel only)."""
+    subject = context.auth_context().get("x509_subject")
+    if subject:
+        return "certificate " + subject[0].decode(errors="replace")
+    return "connection " + context.peer()

@@ -79,11 +79,22 @@ class SchedulerConfig:
         None, "host:port where the router reaches this scheduler's API (default: --host:--port, the "
               "host name when listening on every address)", group=_ROUTER)
     internal_ca_file: str | None = option(
-        None, "the deployment's CA (PEM): announce to the router over mutual TLS (with "
-              "--internal-cert-file and --internal-key-file)", group=_ROUTER)
-    internal_cert_file: str | None = option(None, "this scheduler's certificate for internal links "
-                                                  "(PEM)", group=_ROUTER)
-    internal_key_file: str | None = option(None, "its private key (PEM)", group=_ROUTER)
+        None, "mutual TLS on the links to workers and to a router (--router): the deployment's CA "
+              "(PEM); with --internal-cert-file and --internal-key-file, workers are dialled over TLS "
+              "with this certificate and must present one the CA signed", group=_SECURITY)
+    internal_cert_file: str | None = option(None, "this scheduler's certificate for the internal "
+                                                  "links (PEM, signed by --internal-ca-file)",
+                                            group=_SECURITY)
+    internal_key_file: str | None = option(None, "the internal certificate's PEM private key",
+                                           group=_SECURITY)
+    internal_port: int | None = option(
+        None, "serve Membership (workers join here) on this port instead of the API port, with "
+              "mutual TLS when internal TLS is set; with internal TLS and no internal port, workers "
+              "cannot join (name them with --worker)", group=_SECURITY)
+    internal_peer_name: str | None = option(
+        None, "the DNS name every worker's certificate carries, checked instead of the host dialled "
+              "(workers are often reached by IP; deploy/dev-certs.sh puts sarathi-worker in theirs; "
+              "default: the host dialled)", group=_SECURITY)
     step_timeout_seconds: float = option(
         120.0, "a replica that returns no result for this long is lost (hung or stopped): its "
                "requests move to another replica (default: 120)", group=_FAULTS)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from protos.batch_plan import StepOutput
+from sarathi_common.auth import InternalTLS
 from sarathi_common.lifecycle import exit_with_parent
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.config import SchedulerConfig
@@ -75,6 +76,8 @@ class EngineConfig:
     step_timeout_s: float = 120.0      # no result for this long: the replica is lost
     replica_wait_s: float = 30.0       # a request with no replica to run on waits this long
     replay: bool = True                # a lost replica's requests restart elsewhere (else fail)
+    internal_tls: InternalTLS | None = None   # mutual TLS to the workers
+    worker_peer_name: str | None = None       # the name their certificates carry
 
     @classmethod
     def from_settings(cls, settings: SchedulerConfig, command_address: str,
@@ -86,7 +89,10 @@ class EngineConfig:
                    memory_fraction=settings.memory_fraction, overlap=settings.overlap,
                    step_timeout_s=settings.step_timeout_seconds,
                    replica_wait_s=settings.replica_wait_seconds,
-                   replay=settings.on_replica_loss == "replay")
+                   replay=settings.on_replica_loss == "replay",
+                   internal_tls=InternalTLS.from_files(settings.internal_ca_file, settings.internal_cert_file,
+                                                       settings.internal_key_file),
+                   worker_peer_name=settings.internal_peer_name)
 
 
 @dataclass
@@ -137,7 +143,7 @@ class Engine:
         named = address in cfg.worker_addresses
         self._stopped.wait(delay_s)
         while not self._stopped.is_set():
-            link = WorkerLink(address)
+            link = WorkerLink(address, cfg.internal_tls, cfg.worker_peer_name)
             try:
                 info = link.connect(cfg.worker_timeout_s if not named else REDIAL_S * 5, cfg.block_size,
                                     cfg.memory_fraction, cfg.policy_config.token_budget,

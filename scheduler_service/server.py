@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
-from sarathi_common.auth import BearerTokenInterceptor, load_token, server_credentials
+from sarathi_common.auth import BearerTokenInterceptor, InternalTLS, load_token, server_credentials
 from sarathi_common.lifecycle import release_freed_memory
 from sarathi_common.net import listen
 from scheduler_service.config import SchedulerConfig
@@ -393,6 +393,8 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
         for name in ("", SERVICE_NAME):
             loop.create_task(health_servicer.set(name, status))
 
+    internal_tls = InternalTLS.from_files(config.internal_ca_file, config.internal_cert_file,
+                                          config.internal_key_file)
     engine = EngineClient(config, metrics, on_health=set_health)
     token = load_token(config.token_file)
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
@@ -402,7 +404,7 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
     service = GenerationService(engine, tokenizer, model_name, config.max_queue)
     add_generation_service(service, server)
     generation_pb2_grpc.add_OperatorServicer_to_server(OperatorService(engine), server)
-    worker_pb2_grpc.add_MembershipServicer_to_server(MembershipService(engine), server)
+    internal = _membership_server(config, internal_tls, MembershipService(engine), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, OPERATOR_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -410,9 +412,16 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     listen(server, host, port, "sarathi", credentials)
+    if internal is not None:
+        listen(internal, host, config.internal_port, "sarathi (internal port)",
+               internal_tls.server_credentials() if internal_tls else None)
+        await internal.start()
     await server.start()
     log.info("gRPC API on %s:%d%s%s (health NOT_SERVING until a worker has its cache)", host, port,
              " over TLS" if credentials else "", ", bearer token required" if token else "")
+    if internal is not None:
+        log.info("workers join on %s:%d%s", host, config.internal_port,
+                 " (mutual TLS)" if internal_tls else "")
     engine.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -432,11 +441,30 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
             if task is not None:
                 task.cancel()
         await server.stop(grace=1)
+        if internal is not None:
+            await internal.stop(grace=1)
         engine.close()
     if engine.fatal is not None:
         if engine.ready is None:
             raise SystemExit(f"the engine failed before serving: {engine.fatal}")
         raise SystemExit(f"the scheduler cannot serve: {engine.fatal}")
+
+
+def _membership_server(config: SchedulerConfig, tls: InternalTLS | None, membership: MembershipService,
+                       api_server) -> grpc.aio.Server | None:
+    """Where workers join: a server of its own on --internal-port (behind mutual TLS when internal
+    TLS is set), returned to be started; else the API port, only while internal TLS is off (a
+    stranger reaching the API could otherwise make the scheduler dial anything)."""
+    if config.internal_port is None:
+        if tls is None:
+            worker_pb2_grpc.add_MembershipServicer_to_server(membership, api_server)
+        else:
+            log.info("internal TLS without --internal-port: workers cannot join, only those named "
+                     "with --worker are used")
+        return None
+    internal = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    worker_pb2_grpc.add_MembershipServicer_to_server(membership, internal)
+    return internal
 
 
 async def _drain(service: GenerationService, set_health, drain_s: float) -> None:

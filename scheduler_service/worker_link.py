@@ -12,6 +12,7 @@ import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
 from protos.batch_plan import BatchPlan, StepOutput
+from sarathi_common.auth import InternalTLS
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20),
                 ("grpc.max_receive_message_length", 256 << 20),
@@ -42,9 +43,13 @@ class WorkerInfo:
 
 
 class WorkerLink:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: InternalTLS | None = None, peer_name: str | None = None) -> None:
+        """`tls`: dial over mutual TLS, checking the worker's certificate for `peer_name` (or,
+        when None, for the address's host)."""
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = (grpc.secure_channel(address, tls.channel_credentials(),
+                                             options=GRPC_OPTIONS + tls.channel_options(peer_name))
+                         if tls else grpc.insecure_channel(address, options=GRPC_OPTIONS))
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._plans: queue.SimpleQueue[worker_pb2.BatchPlan | None] | None = None
         self._call = None   # the Step stream (an iterator of results that can be cancelled)

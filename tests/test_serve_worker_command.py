@@ -60,3 +60,19 @@ def test_rank_0_without_a_layout_starts_ranks_1_to_n_with_one_shared_layout():
     assert addresses == {(args.replica_addresses,)} and len(args.replica_addresses.split(",")) == 4
     assert {tuple(flag_values(c, "--dist-init")) for c in peers} == {(args.dist_init,)}
     assert all(flag_values(c, "--model") == ["dummy:tiny"] for c in peers)
+
+
+def test_serve_gives_its_worker_the_internal_tls_files_and_curve():
+    cmd = command_for("--internal-ca-file", "ca.pem", "--internal-cert-file", "c.pem", "--internal-key-file",
+                      "c.key", "--replica-curve")
+    assert flag_values(cmd, "--internal-ca-file") == ["ca.pem"]
+    assert flag_values(cmd, "--internal-cert-file") == ["c.pem"]
+    assert flag_values(cmd, "--internal-key-file") == ["c.key"]
+    assert "--replica-curve" in cmd
+
+
+def test_a_local_replica_binds_its_mailboxes_to_loopback():
+    config = with_local_layout(WorkerConfig(tensor_parallel_size=2))
+    (peer,) = peer_commands(config)
+    assert config.replica_bind == "127.0.0.1"
+    assert flag_values(peer, "--replica-bind") == ["127.0.0.1"]

@@ -66,7 +66,9 @@ def worker(monkeypatch) -> Iterator[tuple[worker_pb2_grpc.WorkerStub, FakeExecut
     executor = FakeExecutor()
     server, port = serve_executor(executor, max_workers=4)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield worker_pb2_grpc.WorkerStub(channel), executor, exits
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    stub.port = port
+    yield stub, executor, exits
     channel.close()
     server.stop(0)
 
@@ -116,11 +118,16 @@ def test_a_second_scheduler_is_turned_away_while_the_first_holds_the_stream(work
     plans, results = open_stream(stub)
     plans.put(plan(1))
     assert next(results).step_id == 1
-    other_plans, other = open_stream(stub)
-    with pytest.raises(grpc.RpcError) as err:
-        next(other)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    other_plans.put(None)
+    # Another scheduler: its own connection (the same one would be the attached scheduler
+    # itself, reconnecting, and would replace its stream).
+    port = stub.port
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+        other_plans, other = open_stream(worker_pb2_grpc.WorkerStub(ch))
+        with pytest.raises(grpc.RpcError) as err:
+            next(other)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "serves another scheduler" in err.value.details()
+        other_plans.put(None)
     plans.put(plan(2))
     assert next(results).step_id == 2
     plans.put(None)

@@ -12,6 +12,7 @@ HYBRID_GRAPH_TOKENS = 512  # the default: the largest size measured on an H100
 
 _LAYOUT = "replica layout (tensor and pipeline parallelism)"
 _MEMBERSHIP = "membership and shutdown"
+_SECURITY = "security"
 JOIN_INTERVAL_S = 2.0
 
 
@@ -54,10 +55,37 @@ class WorkerConfig:
     drain_seconds: float = option(
         30.0, "on SIGTERM: tell the scheduler (it moves or finishes this worker's requests and takes "
               "no new ones here), wait for it to let go for up to this long, then exit 0", group=_MEMBERSHIP)
+    internal_ca_file: str | None = option(
+        None, "mutual TLS on the worker port and on Join: the deployment's CA (PEM); with "
+              "--internal-cert-file and --internal-key-file, only peers with a certificate this CA "
+              "signed can call the worker", group=_SECURITY)
+    internal_cert_file: str | None = option(None, "this worker's certificate (PEM, signed by "
+                                                  "--internal-ca-file)", group=_SECURITY)
+    internal_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
+    internal_peer_name: str | None = option(
+        None, "the DNS name the scheduler's certificate carries, checked instead of --scheduler's "
+              "host (default: that host)", group=_SECURITY)
+    replica_curve: bool = option(
+        False, "authenticate and encrypt the ZeroMQ links between a replica's ranks with CURVE "
+               "(a replica started whole on this host makes a fresh key; across hosts give "
+               "--replica-key-file)", group=_SECURITY)
+    replica_key_file: str | None = option(
+        None, "CURVE on the ranks' ZeroMQ links with the key pair in this file (the same file on "
+              "every rank; `python -m worker_service.parallel.curve FILE` makes one); implies "
+              "--replica-curve", group=_SECURITY)
+    replica_bind: str | None = option(
+        None, "the address each rank's ZeroMQ mailbox binds, e.g. the replica's private network "
+              "(default: every interface; a replica started whole on this host binds loopback)",
+        group=_SECURITY)
 
     # What a rank that this worker starts inherits: the model and how to run it, not where to listen.
     SHARED = ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
               "cuda_graphs", "hybrid_graph_tokens", "tensor_parallel_size", "pipeline_parallel_size")
+
+    # What `serve` passes to the worker it starts besides SHARED (file paths only: no key material
+    # on a command line).
+    SECURITY = ("internal_ca_file", "internal_cert_file", "internal_key_file", "replica_curve",
+                "replica_key_file", "replica_bind")
 
     def advertised_address(self) -> str:
         if self.advertise:

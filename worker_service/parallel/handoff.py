@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from worker_service.parallel.curve import PLAINTEXT, LinkSecurity
 from worker_service.parallel.layout import ReplicaLayout
 
 log = logging.getLogger("sarathi.replica")
@@ -59,12 +60,6 @@ class HandoffStats:
 STATS = HandoffStats()
 
 
-def _bind_address(address: str) -> str:
-    # Bind every interface at the layout's port: the host part names us to peers (a name or an
-    # address of another namespace or host), and need not be an address we can bind by name.
-    return f"tcp://*:{address.rsplit(':', 1)[1]}"
-
-
 def _dtype_name(dtype: torch.dtype) -> bytes:
     return str(dtype).removeprefix("torch.").encode()
 
@@ -88,14 +83,19 @@ class Mailbox:
     """This rank's inbox and its peers' liveness. Queues: control (from rank 0, in order),
     hidden (from the previous stage, in step order), results (rank 0 only)."""
 
-    def __init__(self, layout: ReplicaLayout, rank: int) -> None:
-        self.layout, self.rank = layout, rank
+    def __init__(self, layout: ReplicaLayout, rank: int, security: LinkSecurity = PLAINTEXT) -> None:
+        self.layout, self.rank, self.security = layout, rank, security
         self.control: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self.hidden: queue.SimpleQueue[list] = queue.SimpleQueue()
         self.results: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
-        self.ctx = zmq.Context.instance()
+        key = security.key
+        # With CURVE, a context of its own: its ZAP handler then answers for this mailbox alone.
+        self.ctx = zmq.Context() if key else zmq.Context.instance()
+        self._auth = key.authenticator(self.ctx) if key else None
         self._pull = self.ctx.socket(zmq.PULL)
-        self._pull.bind(_bind_address(layout.addresses[rank]))
+        if key:
+            key.serve(self._pull)
+        self._pull.bind(security.bind_address(layout.addresses[rank]))
         self._started = time.monotonic()
         self.last_heard: dict[int, float] = {}
         self.ready_peers: set[int] = set()
@@ -124,7 +124,7 @@ class Mailbox:
                 s = self.ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.SNDHWM, 4)       # a dead peer's queue stays tiny
                 s.setsockopt(zmq.LINGER, 0)
-                s.connect(self.layout.endpoint(peer))
+                self.connect(s, peer)
                 beats[peer] = s
         me = str(self.rank).encode()
         poller = zmq.Poller()
@@ -151,10 +151,18 @@ class Mailbox:
             s.close()
         self._pull.close(linger=0)
 
+    def connect(self, socket: zmq.Socket, peer: int) -> None:
+        """Connects a sending socket to `peer`'s mailbox (as a CURVE client, with CURVE)."""
+        if self.security.key:
+            self.security.key.connect(socket)
+        socket.connect(self.layout.endpoint(peer))
+
     def close(self) -> None:
         """Stops listening and watching peers (a replica shutting down in order)."""
         self._closing.set()
         self._thread.join(5)
+        if self._auth is not None:
+            self._auth.stop()
 
     def _route(self, msg: list) -> None:
         kind, sender = msg[0].bytes, int(msg[1].bytes)
@@ -196,7 +204,7 @@ class Outbox:
         if s is None:
             s = self.mailbox.ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 1000)
-            s.connect(self.layout.endpoint(peer))
+            self.mailbox.connect(s, peer)
             self._sockets[peer] = s
         return s
 

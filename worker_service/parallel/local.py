@@ -14,18 +14,22 @@ from sarathi_common.lifecycle import dies_with_this_process
 from sarathi_common.net import free_port
 from sarathi_common.options import to_flags, without_option_variables
 from worker_service.config import WorkerConfig
+from worker_service.parallel.curve import KEY_ENV, CurveKey
 
 
 def with_local_layout(config: WorkerConfig) -> WorkerConfig:
-    """`config` with a loopback mailbox per rank and a loopback rendezvous."""
+    """`config` with a loopback mailbox per rank, bound to loopback only, and a loopback
+    rendezvous."""
     return dataclasses.replace(
         config, replica_addresses=",".join(f"127.0.0.1:{free_port()}" for _ in range(config.world_size)),
-        dist_init=f"127.0.0.1:{free_port()}")
+        dist_init=f"127.0.0.1:{free_port()}", replica_bind="127.0.0.1")
 
 
 def peer_commands(config: WorkerConfig) -> list[list[str]]:
-    """The commands of ranks 1..world-1 of `config`'s layout (they serve no gRPC: no address)."""
-    flags = (*WorkerConfig.SHARED, "replica_addresses", "dist_init", "rank")
+    """The commands of ranks 1..world-1 of `config`'s layout (they serve no gRPC: no address).
+    A CURVE key reaches them in the environment (start_local_ranks), never as a flag."""
+    flags = (*WorkerConfig.SHARED, "replica_addresses", "dist_init", "rank", "replica_bind",
+             "replica_key_file")
     return [[sys.executable, "-m", "worker_service", *to_flags(dataclasses.replace(config, rank=rank), flags)]
             for rank in range(1, config.world_size)]
 
@@ -33,6 +37,10 @@ def peer_commands(config: WorkerConfig) -> list[list[str]]:
 def start_local_ranks(config: WorkerConfig) -> WorkerConfig:
     """Starts ranks 1..n on this host; returns rank 0's config with the layout they share."""
     config = with_local_layout(config)
+    if config.replica_curve and not config.replica_key_file:
+        # A fresh key pair for this replica; rank 0 reads it back from its own environment too
+        # (curve.rank_key), which drops it there once the ranks have it.
+        os.environ[KEY_ENV] = CurveKey.generate().to_env()
     env = without_option_variables(os.environ, WorkerConfig)   # their settings come as flags
     peers = [subprocess.Popen(cmd, env=env, preexec_fn=dies_with_this_process())
              for cmd in peer_commands(config)]

@@ -30,6 +30,7 @@ from worker_service import memory
 from worker_service.executor import ExecutorBroken, PlanError
 from worker_service.models.config import ModelConfig
 from worker_service.models.llama import LlamaModel
+from worker_service.parallel.curve import PLAINTEXT, LinkSecurity
 from worker_service.parallel.handoff import (
     ERROR,
     INIT,
@@ -116,15 +117,17 @@ def rank_device(device: torch.device, layout: ReplicaLayout, rank: int) -> torch
 
 
 def build_rank(layout: ReplicaLayout, rank: int, load: Callable[..., torch.nn.Module],
-               device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True) -> Rank:
+               device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True,
+               security: LinkSecurity = PLAINTEXT) -> Rank:
     """`load(device, part)` builds the model part (loader.load_model with a ModelPart); this
     rank's part is its stage, then its TP shard of that stage, and only that is ever read into
     memory. All ranks must call this together: it joins the collective group (NCCL between GPUs,
-    gloo on the CPU). cuda_graphs: see StageRunner."""
+    gloo on the CPU). cuda_graphs: see StageRunner. security: CURVE and the bind address of the
+    rank's ZeroMQ links."""
     device = rank_device(device, layout, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and Triton launch on the current device
-    mailbox = Mailbox(layout, rank)
+    mailbox = Mailbox(layout, rank, security)
     outbox = Outbox(layout, rank, mailbox)
     group = None
     if layout.tp_size > 1:

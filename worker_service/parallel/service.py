@@ -13,6 +13,7 @@ import torch
 from sarathi_common.lifecycle import exit_now
 from worker_service import memory
 from worker_service.config import WorkerConfig
+from worker_service.parallel.curve import LinkSecurity, rank_key
 from worker_service.parallel.layout import ReplicaLayout
 from worker_service.parallel.replica import ReplicaDriver, build_rank, follow
 from worker_service.server import serve_worker
@@ -34,12 +35,14 @@ def run_replica_worker(config: WorkerConfig, load, device: torch.device, dtype: 
     layout = layout_of(config)
     rank = config.rank
     start = time.monotonic()
-    r = build_rank(layout, rank, load, device, dtype, cuda_graphs=config.cuda_graphs)
+    security = LinkSecurity(rank_key(config.replica_curve, config.replica_key_file), config.replica_bind)
+    r = build_rank(layout, rank, load, device, dtype, cuda_graphs=config.cuda_graphs, security=security)
     weight_bytes = memory.weight_bytes(r.runner.model)
     where = f"rank {rank} (stage {layout.stage_of(rank)}, TP rank {layout.tp_rank_of(rank)}) " \
             f"of TP={layout.tp_size} x PP={layout.pp_size}"
     print(f"worker {where}: {weight_bytes / 1e6:.0f} MB of weights in this shard, built in "
-          f"{time.monotonic() - start:.1f} s", flush=True)
+          f"{time.monotonic() - start:.1f} s{'; ZeroMQ links under CURVE' if security.key else ''}",
+          flush=True)
     if rank != 0:
         signal.signal(signal.SIGTERM, lambda *_: exit_now(0))
         r.mailbox.wait_for_peers(timeout=900)
