@@ -11,6 +11,7 @@ dummy is dropped before the next shape and after the last, so the worker starts 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -128,12 +129,18 @@ class _Dummies:
 
 def profile_worker(run: Callable[[BatchPlan], StepOutput], *, block_size: int, num_blocks: int,
                    token_budget: int, max_batch_size: int, max_model_len: int, vocab_size: int,
-                   repeats: int = 2) -> list[tuple[IterationShape, float]]:
+                   repeats: int = 2, max_seconds: float = 20.0,
+                   clock: Callable[[], float] = time.monotonic) -> list[tuple[IterationShape, float]]:
     """Runs the profile through `run` (one plan in, its result out, in order); returns the
-    (shape, measured device ms) samples."""
+    (shape, measured device ms) samples. Shapes go smallest first and the profile stops after
+    max_seconds (a slow device, e.g. a CPU, then gets fewer: the online fit fills in)."""
     dummies = _Dummies(block_size, num_blocks, token_id=min(100, vocab_size - 1))
     samples: list[tuple[IterationShape, float]] = []
-    for shape in profile_shapes(token_budget, max_batch_size, num_blocks * block_size, max_model_len):
+    shapes = profile_shapes(token_budget, max_batch_size, num_blocks * block_size, max_model_len)
+    deadline = clock() + max_seconds
+    for shape in sorted(shapes, key=lambda s: s.num_kv_tokens + 8 * s.num_chunks * s.chunk_tokens):
+        if clock() > deadline:
+            break
         run(dummies.plan(shape))   # warm-up: first use of a shape may initialise or capture
         for _ in range(repeats):
             result = run(dummies.plan(shape))
