@@ -42,6 +42,12 @@ class SchedulerConfig:
               "within this (default: 50)", group=_GROUP)
     min_chunk_size: int = option(32, "sarathi_dynamic: the smallest prefill chunk (default: 32)",
                                  group=_GROUP)
+    tbt_slo_ms: float | None = option(
+        None, "sarathi: the P99 time-between-tokens target in ms. Each iteration then takes as many "
+              "prefill tokens (at most --chunk-size, at least --min-chunk-size) as keep its predicted "
+              "device time, plus a safety margin learned from misses, within it; the predictor is "
+              "fitted online to the worker's step times, warm-started by a short profile when a "
+              "worker joins (default: off, a fixed budget)", group=_GROUP)
     watermark: float = option(0.01, "share of KV blocks that admitting new requests leaves free for "
                                     "running ones (default: 0.01)", group=_GROUP)
     num_host_kv_blocks: int = option(0, "host-memory KV blocks for preemption by swapping (default 0: "
@@ -119,12 +125,15 @@ class SchedulerConfig:
         return f"{host}:{self.port}"
 
     def policy_config(self) -> PolicyConfig:
+        if self.tbt_slo_ms is not None and self.policy != "sarathi":
+            raise ValueError(f"--tbt-slo-ms sizes sarathi's chunks: it does not apply to --policy "
+                             f"{self.policy}")
         # A sequence takes at least one token of the budget, so more than chunk_size of them
         # can never run together.
         return PolicyConfig(token_budget=self.chunk_size,
                             max_batch_size=min(self.max_batch_size, self.chunk_size),
                             target_iteration_ms=self.target_iteration_ms,
-                            min_chunk_size=self.min_chunk_size)
+                            min_chunk_size=self.min_chunk_size, tbt_slo_ms=self.tbt_slo_ms)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(watermark=self.watermark, prefix_caching=self.prefix_caching,

@@ -50,6 +50,8 @@ from scheduler_service.messages import (
     encode,
 )
 from scheduler_service.policies import PolicyConfig, make_policy
+from scheduler_service.policies.latency_model import IterationShape
+from scheduler_service.profile import profile_worker
 from scheduler_service.replica import Replica, restart_from_tokens
 from scheduler_service.request import Request
 from scheduler_service.scheduler import CapacityError, Scheduler
@@ -141,6 +143,7 @@ class Engine:
     def _connect(self, address: str, delay_s: float) -> None:
         cfg = self.config
         named = address in cfg.worker_addresses
+        unprofiled = False
         self._stopped.wait(delay_s)
         while not self._stopped.is_set():
             link = WorkerLink(address, cfg.internal_tls, cfg.worker_peer_name)
@@ -159,10 +162,32 @@ class Engine:
                 link.close()
                 self.inbox.put(("dial_failed", address, str(e), True))
                 return
-            self.inbox.put(("ready", address, link, info))
+            try:
+                samples = [] if unprofiled else self._profile(link, info)
+            except WorkerUnavailable as e:
+                # The worker refused a dummy plan (its stream is over): dial again and let the
+                # latency model learn from the first iterations served instead.
+                log.warning("profiling the worker at %s failed (%s): the SLO budget starts "
+                            "small and learns from the first iterations", address, e)
+                link.close()
+                unprofiled = True
+                continue
+            self.inbox.put(("ready", address, link, info, samples))
             return
 
-    def _add_replica(self, address: str, link: WorkerLink, info: WorkerInfo) -> None:
+    def _profile(self, link: WorkerLink, info: WorkerInfo) -> list[tuple[IterationShape, float]]:
+        """With an SLO budget: the start-up profile that warm-starts the latency model (a
+        pipeline's stages are not profiled: its model learns from the first iterations served)."""
+        cfg = self.config
+        if cfg.policy_config.tbt_slo_ms is None or info.pipeline_parallel_size > 1:
+            return []
+        pc = cfg.policy_config
+        return profile_worker(link.run_now, block_size=cfg.block_size, num_blocks=info.num_blocks,
+                              token_budget=pc.token_budget, max_batch_size=pc.max_batch_size,
+                              max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+
+    def _add_replica(self, address: str, link: WorkerLink, info: WorkerInfo,
+                     samples: list[tuple[IterationShape, float]]) -> None:
         self.dialling.discard(address)
         model = self.model
         if model is not None and (info.model, info.vocab_size) != (model.model, model.vocab_size):
@@ -177,6 +202,10 @@ class Engine:
                                 make_block_manager(info.num_blocks, cfg.block_size, cfg.cache)),
             depth=max(2 if cfg.overlap else 1, info.pipeline_parallel_size),
             pipelined=info.pipeline_parallel_size > 1)
+        if samples:
+            replica.scheduler.policy.latency.warm_start(samples)
+            log.info("replica %s: latency model from %d profiled iterations, margin %.2f", address,
+                     len(samples), replica.scheduler.policy.latency.margin.value)
         self._next_replica += 1
         self.replicas[replica.id] = replica
         rid = replica.id

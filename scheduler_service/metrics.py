@@ -7,10 +7,14 @@ can run several servers in one process.
 
 from __future__ import annotations
 
+from collections import deque
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from scheduler_service.messages import EngineStats, ReplicasChanged
 
+_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
@@ -45,6 +49,20 @@ class ServerMetrics:
                                    registry=r)
         self.device_idle = Counter("sarathi_device_idle_seconds",
                                    "Worker device time idle between steps", registry=r)
+        # The latency model (policies/latency_model.py) against the worker's measured device time:
+        # |predicted - measured| / measured per iteration, its P50/P99 over the last iterations,
+        # and the safety margin of the --tbt-slo-ms budget.
+        self.prediction_error = Histogram(
+            "sarathi_latency_prediction_error_ratio", "|predicted - measured| / measured device time "
+            "of an iteration", buckets=_ERROR_BUCKETS, registry=r)
+        self.prediction_error_q = Gauge(
+            "sarathi_latency_prediction_error_quantile", "Quantile of |predicted - measured| / "
+            "measured device time over the last 1000 iterations", ["quantile"], registry=r)
+        self.slo_margin = Gauge("sarathi_slo_margin_ratio", "Safety margin of the --tbt-slo-ms budget "
+                                "(predicted time x (1 + margin) stays within the target)", ["replica"],
+                                registry=r)
+        self._errors: deque[float] = deque(maxlen=1000)
+        self._num_errors = 0
         # Per replica (the scheduler numbers replicas from 1, in the order they joined).
         by = ["replica"]
         self.replica_running = Gauge("sarathi_replica_requests_running", "Requests holding KV blocks",
@@ -86,6 +104,18 @@ class ServerMetrics:
         self.device_busy.inc(it.worker.device_ns / 1e9)
         self.device_idle.inc(it.worker.idle_ns / 1e9)
         replica = str(it.replica)
+        if it.predicted_ms > 0 and it.worker.device_ns > 0:
+            measured_ms = it.worker.device_ns / 1e6
+            error = abs(it.predicted_ms - measured_ms) / measured_ms
+            self.prediction_error.observe(error)
+            self._errors.append(error)
+            self._num_errors += 1
+            if self._num_errors % 16 == 1:   # the quantiles every few iterations: cheap enough
+                p50, p99 = np.quantile(np.array(self._errors), [0.5, 0.99])
+                self.prediction_error_q.labels("0.5").set(p50)
+                self.prediction_error_q.labels("0.99").set(p99)
+        if it.slo_margin:
+            self.slo_margin.labels(replica).set(it.slo_margin)
         self.replica_running.labels(replica).set(s.replica_running)
         self.replica_waiting.labels(replica).set(s.replica_waiting)
         self.replica_kv_used.labels(replica).set(s.replica_kv_blocks_used)

@@ -108,7 +108,8 @@ class Replica:
             decode_seq_ids=decode_ids, prefill_seq_ids=prefill_ids,
             num_preempted=len(sched.last_schedule.preempted),
             kv_blocks_used=sched.blocks.num_used_blocks, num_waiting=len(sched.state.waiting),
-            replica=self.id)
+            replica=self.id, predicted_ms=sched.last_predicted_ms,
+            slo_margin=sched.policy.latency.margin.value if sched.policy.config.tbt_slo_ms else 0.0)
 
 
 def restart_from_tokens(request: Request) -> Request:

@@ -15,6 +15,7 @@ from protos.batch_plan import BatchPlan, NewSequence, StepOutput
 from scheduler_service.block_manager import BlockManager
 from scheduler_service.messages import RequestUpdate
 from scheduler_service.policies import Policy, ScheduleOutput, SchedulerState
+from scheduler_service.policies.latency_model import IterationShape
 from scheduler_service.request import FinishReason, Request, RequestStatus
 
 
@@ -30,6 +31,11 @@ class Scheduler:
         self._pending_drops: list[int] = []
         self._next_step_id = 1
         self.last_schedule: ScheduleOutput | None = None
+        self.last_predicted_ms = 0.0   # the latency model's prediction for the last plan
+        # Plans in flight whose measured device time will feed the latency model. Only an SLO
+        # budget runs the model: its refits cost milliseconds of the engine loop's time.
+        self._shapes: dict[int, tuple[IterationShape, float]] = {}
+        self._predicting = policy.config.tbt_slo_ms is not None
 
     @property
     def blocks(self) -> BlockManager:
@@ -63,6 +69,13 @@ class Scheduler:
         out = self._schedule_around(busy) if busy else self.policy.schedule(self.state)
         self.last_schedule = out
         plan = BatchPlan(step_id=self._next_step_id, dropped_seq_ids=self._pending_drops)
+        # The shape before the computed counts advance below; swaps add copies the model does
+        # not know of, so those steps neither teach it nor count as its misses.
+        if self._predicting:
+            shape = out.shape()
+            self.last_predicted_ms = self.policy.latency.predict_ms(shape)
+            if not shape.is_empty and not out.swap_in and not out.swap_out:
+                self._shapes[plan.step_id] = (shape, self.last_predicted_ms)
         self._pending_drops = []
         self._next_step_id += 1
         for device, host in out.swap_out:
@@ -107,6 +120,10 @@ class Scheduler:
         return out
 
     def update(self, output: StepOutput) -> list[RequestUpdate]:
+        measured = self._shapes.pop(output.step_id, None)
+        if measured is not None and output.timings.device_ns > 0:
+            shape, predicted = measured
+            self.policy.latency.observe(shape, predicted, output.timings.device_ns / 1e6)
         updates = []
         for seq_id, token in zip(output.seq_ids, output.token_ids, strict=True):
             request = self.requests.get(seq_id)

@@ -35,6 +35,10 @@ class IterationRecord(msgspec.Struct, array_like=True):
     # before this step), queued_ns the wait in the worker (overlap: behind the step before).
     worker: StepTimings = msgspec.field(default_factory=StepTimings)
     replica: int = 0              # which replica ran it
+    # The latency model's device time for this iteration when it was formed (0: no model yet),
+    # against worker.device_ns; and the SLO budget's safety margin then (relative).
+    predicted_ms: float = 0.0
+    slo_margin: float = 0.0
 
     @property
     def seq_ids(self) -> list[int]:

@@ -83,6 +83,18 @@ class WorkerLink:
         assert self._plans is not None, "connect first"
         self._plans.put(plan.to_proto())
 
+    def run_now(self, plan: BatchPlan) -> StepOutput:
+        """Sends a plan and waits for its result, on the caller's thread: only before
+        read_results starts (the start-up profile)."""
+        assert self._call is not None, "connect first"
+        self.send(plan)
+        try:
+            return StepOutput.from_proto(next(self._call))
+        except StopIteration:
+            raise WorkerUnavailable(f"worker {self.address} closed the step stream") from None
+        except grpc.RpcError as e:
+            raise WorkerUnavailable(f"worker {self.address}: {e.code().name}: {e.details()}") from e
+
     def read_results(self, deliver: Callable[[StepOutput | WorkerUnavailable], None]) -> threading.Thread:
         """Starts a thread that hands each result to `deliver`, then one WorkerUnavailable when
         the stream ends for any reason."""

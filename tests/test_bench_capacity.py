@@ -71,7 +71,19 @@ def test_a_policy_the_scheduler_lacks_is_reported_not_measured_without_a_server(
 def test_each_policy_may_carry_its_own_token_budget():
     from benchmarks.serving.cli import parse_policies
 
-    assert parse_policies("sarathi:128, vllm:2048,orca") == [("sarathi", 128), ("vllm", 2048), ("orca", None)]
+    assert parse_policies("sarathi:128, vllm:2048,orca") == [("sarathi", 128, None), ("vllm", 2048, None),
+                                                             ("orca", None, None)]
+
+
+def test_a_sarathi_entry_may_carry_an_slo_driven_budget():
+    from benchmarks.serving.cli import parse_policies
+    from benchmarks.serving.server_process import ServerLaunch
+
+    auto, fixed = parse_policies("sarathi:2048@slo,sarathi@slo=45.8")
+    assert (auto.chunk_size, auto.tbt_slo, auto.label) == (2048, "slo", "sarathi:2048@slo")
+    assert (fixed.chunk_size, fixed.tbt_slo) == (None, "slo=45.8")
+    command = ServerLaunch(policy="sarathi", chunk_size=2048, tbt_slo_ms=45.8).command(1234)
+    assert command[-4:] == ["--chunk-size", "2048", "--tbt-slo-ms", "45.8"]
 
 
 def test_capacity_states_the_lengths_it_will_send_and_how_to_get_the_trace_s_own():

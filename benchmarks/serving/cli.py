@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 from benchmarks.serving.bench import BenchResult, measure_decode_time_s, run_bench, warm_up
 from benchmarks.serving.capacity import CapacityResult
@@ -159,14 +161,31 @@ def capacity_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_policies(text: str) -> list[tuple[str, int | None]]:
-    """`sarathi:128,vllm` -> [("sarathi", 128), ("vllm", None)]: each policy may get its own
-    token budget, as in the paper (chunked prefills want a small one, vLLM's prefills a large one)."""
+class PolicyEntry(NamedTuple):
+    name: str
+    chunk_size: int | None = None
+    # `@slo`: the server runs with --tbt-slo-ms at the P99 TBT bound it is judged by ("slo");
+    # `@slo=MS`: at that target. None: a fixed token budget.
+    tbt_slo: str | None = None
+
+    @property
+    def label(self) -> str:
+        label = self.name if self.chunk_size is None else f"{self.name}:{self.chunk_size}"
+        return label if self.tbt_slo is None else f"{label}@{self.tbt_slo}"
+
+
+def parse_policies(text: str) -> list[PolicyEntry]:
+    """`sarathi:128,vllm,sarathi:2048@slo` -> entries: each policy may get its own token budget,
+    as in the paper (chunked prefills want a small one, vLLM's prefills a large one), and sarathi
+    an SLO-driven budget (`@slo`: the SLO's own P99 TBT bound; `@slo=45.8`: that many ms)."""
     entries = []
     for item in (part.strip() for part in text.split(",")):
         if item:
-            name, _, chunk = item.partition(":")
-            entries.append((name, int(chunk) if chunk else None))
+            spec, _, slo = item.partition("@")
+            name, _, chunk = spec.partition(":")
+            if slo and not re.fullmatch(r"slo(=\d+(\.\d*)?)?", slo):
+                raise SystemExit(f"--policies {item!r}: after @ comes slo or slo=MS")
+            entries.append(PolicyEntry(name, int(chunk) if chunk else None, slo or None))
     return entries
 
 
@@ -213,10 +232,21 @@ def main_capacity(argv: list[str] | None = None) -> int:
     results: list[CapacityResult] = []
     best_runs: dict[str, BenchResult] = {}
     decode_time_s: float | None = None
-    for name, chunk_size in policies:
-        policy = name if chunk_size is None else f"{name}:{chunk_size}"  # the row's label
+    for entry in policies:
+        name, chunk_size, policy = entry.name, entry.chunk_size, entry.label   # the row's label
         try:
-            with server_endpoint(args, None if args.address else name, out_dir, chunk_size) as endpoint:
+            if entry.tbt_slo is None:
+                tbt_slo_ms = None
+            elif entry.tbt_slo.startswith("slo="):
+                tbt_slo_ms = float(entry.tbt_slo[4:])
+            elif slo.p99_tbt_s is not None:
+                tbt_slo_ms = slo.p99_tbt_s * 1e3
+            else:
+                raise ServerStartError("@slo needs the P99 TBT bound: give --slo-p99-tbt in seconds, "
+                                       "or list a fixed-budget entry first (it measures the decode time "
+                                       "for a multiple), or write @slo=MS")
+            with server_endpoint(args, None if args.address else name, out_dir, chunk_size,
+                                 tbt_slo_ms) as endpoint:
                 address = endpoint.address
                 asyncio.run(warm_up(address, args.warmup, options))
                 if tbt_multiple is not None and decode_time_s is None:

@@ -38,6 +38,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--model", help="passed to `sarathi serve` (default: the embedded SmolLM2-135M)")
     group.add_argument(
+        "--tbt-slo-ms", type=float,
+        help="passed to `sarathi serve` (sarathi's SLO-driven token budget; capacity: per entry, "
+             "NAME:CHUNK@slo in --policies)",
+    )
+    group.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -122,7 +127,8 @@ class Endpoint:
 
 @contextlib.contextmanager
 def server_endpoint(
-    args: argparse.Namespace, policy: str | None, log_dir: Path, chunk_size: int | None = None
+    args: argparse.Namespace, policy: str | None, log_dir: Path, chunk_size: int | None = None,
+    tbt_slo_ms: float | None = None,
 ) -> Iterator[Endpoint]:
     if args.address:
         yield Endpoint(args.address, args.metrics_url)
@@ -130,10 +136,12 @@ def server_endpoint(
     launch = ServerLaunch(
         policy=policy,
         chunk_size=chunk_size or args.chunk_size,
+        tbt_slo_ms=tbt_slo_ms if tbt_slo_ms is not None else getattr(args, "tbt_slo_ms", None),
         model=args.model,
         extra_args=tuple(args.server_arg),
         startup_timeout_s=args.startup_timeout,
-        log_path=log_dir / f"server-{policy or 'default'}{f'-{chunk_size}' if chunk_size else ''}.log",
+        log_path=log_dir / (f"server-{policy or 'default'}{f'-{chunk_size}' if chunk_size else ''}"
+                            f"{f'-slo{tbt_slo_ms:g}' if tbt_slo_ms else ''}.log"),
     )
     with LocalServer(launch) as server:
         yield Endpoint(server.address, server.metrics_url)

@@ -30,6 +30,7 @@ STOP_GRACE_S = 15.0
 class ServerLaunch:
     policy: str | None = None
     chunk_size: int | None = None
+    tbt_slo_ms: float | None = None  # sarathi's SLO-driven token budget
     model: str | None = None
     extra_args: tuple[str, ...] = ()  # passed to `sarathi serve` as they are
     startup_timeout_s: float = 300.0  # the first start converts the GGUF weights
@@ -45,6 +46,8 @@ class ServerLaunch:
             args += ["--policy", self.policy]
         if self.chunk_size is not None:
             args += ["--chunk-size", str(self.chunk_size)]
+        if self.tbt_slo_ms is not None:
+            args += ["--tbt-slo-ms", f"{self.tbt_slo_ms:g}"]
         if self.model is not None:
             args += ["--model", self.model]
         return args + list(self.extra_args)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from scheduler_service.block_manager import BlockManager
 from scheduler_service.policies.cost_model import IterationCostModel
+from scheduler_service.policies.latency_model import IterationShape, LatencyTracker
 from scheduler_service.request import Request, RequestStatus
 
 
@@ -28,12 +29,17 @@ class PolicyConfig:
     target_iteration_ms: float = 50.0
     cost_model: IterationCostModel = field(default_factory=IterationCostModel)
     min_chunk_size: int = 32         # sarathi_dynamic never shrinks a chunk below this
+    # sarathi with an SLO: the P99 time-between-tokens target that sizes each iteration's prefill
+    # from the fitted latency model (latency_model.py); token_budget stays the cap. None: off.
+    tbt_slo_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.token_budget < 1 or self.max_batch_size < 1:
             raise ValueError("token budget and max batch size must be at least 1")
         if self.target_iteration_ms <= 0 or self.min_chunk_size < 1:
             raise ValueError("the iteration target and the smallest chunk must be positive")
+        if self.tbt_slo_ms is not None and self.tbt_slo_ms <= 0:
+            raise ValueError("the time-between-tokens target must be positive")
 
 
 @dataclass
@@ -60,6 +66,21 @@ class ScheduleOutput:
 
     def is_preempted(self, request: Request) -> bool:
         return any(r is request for r in self.preempted)
+
+    def shape(self) -> IterationShape:
+        """The iteration's shape for the latency model; valid until the scheduler advances the
+        requests' computed tokens (right after the policy returns)."""
+        prefill = attention = chunks = decodes = kv = 0
+        for c in self.chunks:
+            computed = c.request.num_computed_tokens
+            if c.num_tokens == 1 and computed >= c.request.num_prompt_tokens:
+                decodes += 1
+                kv += computed + 1
+            else:
+                chunks += 1
+                prefill += c.num_tokens
+                attention += c.num_tokens * (computed + c.num_tokens)
+        return IterationShape(prefill, attention, chunks, decodes, kv)
 
 
 def _victim_order(request: Request, index: int) -> tuple[int, int]:
@@ -227,6 +248,9 @@ class Policy(ABC):
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
+        # With an SLO budget (tbt_slo_ms) the scheduler feeds it each iteration's measured device
+        # time; the trace and metrics report its prediction error.
+        self.latency = LatencyTracker()
 
     @abstractmethod
     def schedule(self, state: SchedulerState) -> ScheduleOutput:
