@@ -1,0 +1,151 @@
+"""Helpers of the container tests (make test-containers): the images, containers started with
+the Kubernetes pod specs' own settings, and waiting for gRPC health.
+
+The tests need a Docker daemon and the images that deploy/build-image.sh builds. Where either is
+missing they skip with the reason, unless SARATHI_REQUIRE_DOCKER=1 (make test-containers, CI):
+then they fail, so that a run that tested nothing never looks green.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCHEDULER_IMAGE = os.environ.get("SARATHI_SCHEDULER_IMAGE", "sarathi-scheduler:latest")
+WORKER_IMAGE = os.environ.get("SARATHI_WORKER_IMAGE", "sarathi-worker:latest")
+STARTUP_TIMEOUT_S = float(os.environ.get("SARATHI_CONTAINER_TIMEOUT", "300"))
+K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
+
+# Ryuk (testcontainers' reaper) is an image from a registry; the tests remove their own containers.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+from testcontainers.core.config import testcontainers_config  # noqa: E402
+from testcontainers.core.container import DockerContainer  # noqa: E402
+
+testcontainers_config.ryuk_disabled = True
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("SARATHI_REQUIRE_DOCKER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def require_images(*images: str) -> None:
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:  # no socket, no permission, daemon down
+        unavailable(f"docker is not reachable ({type(e).__name__}: {e})")
+    try:
+        for image in images:
+            try:
+                client.images.get(image)
+            except Exception:
+                unavailable(f"image {image} not found: build it with deploy/build-image.sh")
+    finally:
+        client.close()
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pod_container(path: str, kind: str = "StatefulSet") -> dict:
+    """The first container of the pod template in deploy/k8s/PATH, with the pod's spec."""
+    for doc in yaml.safe_load_all((K8S / path).read_text()):
+        if doc and doc["kind"] == kind:
+            pod = doc["spec"]["template"]["spec"]
+            return {"pod": pod, "container": pod["containers"][0]}
+    raise AssertionError(f"no {kind} in {path}")
+
+
+def docker_settings(spec: dict) -> dict:
+    """docker run settings that impose what the pod spec imposes: its uid/gid, read-only root,
+    capabilities dropped, no privilege escalation, default seccomp, and each emptyDir as a tmpfs
+    of its sizeLimit, writable by the pod's fsGroup (as Kubernetes makes it)."""
+    pod, container = spec["pod"], spec["container"]
+    pod_sc, sc = pod["securityContext"], container["securityContext"]
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"   # Docker's default profile
+    empty_dirs = {v["name"]: v["emptyDir"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    tmpfs = {}
+    for mount in container.get("volumeMounts", []):
+        ed = empty_dirs[mount["name"]]   # only emptyDirs: the manifests mount no claim
+        size = ed.get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
+        tmpfs[mount["mountPath"]] = f"size={size},uid={pod_sc['runAsUser']},gid={pod_sc['fsGroup']},mode=0770"
+    return {"user": f"{pod_sc['runAsUser']}:{pod_sc['runAsGroup']}",
+            "read_only": sc["readOnlyRootFilesystem"],
+            "cap_drop": sc["capabilities"]["drop"],
+            "security_opt": [] if sc["allowPrivilegeEscalation"] else ["no-new-privileges"],
+            "tmpfs": tmpfs}
+
+
+def from_pod_spec(image: str, path: str, env: dict[str, str] | None = None,
+                  extra_args: list[str] | None = None) -> DockerContainer:
+    """A container running what deploy/k8s/PATH's pod runs: its command, args, env and security
+    settings (Kubernetes' $(VAR) expansion is not needed: the manifests use none)."""
+    spec = pod_container(path)
+    c = spec["container"]
+    container = DockerContainer(image, **docker_settings(spec))
+    if "command" in c:
+        container.with_kwargs(entrypoint=c["command"])
+    args = list(c.get("args", []))
+    if extra_args:
+        # A shell command (the workers') takes them at its end; an argv takes them as items.
+        args = [args[0] + " " + " ".join(extra_args)] if "command" in c else args + extra_args
+    container.with_command(args)
+    for e in c.get("env", []):
+        if "value" in e:
+            container.with_env(e["name"], e["value"])
+    for k, v in (env or {}).items():
+        container.with_env(k, v)
+    return container
+
+
+def on_loopback(container: DockerContainer, container_port: int) -> tuple[DockerContainer, str]:
+    """Publishes the port on 127.0.0.1 only (with_bind_ports would take every interface)."""
+    port = free_local_port()
+    container.ports[f"{container_port}/tcp"] = ("127.0.0.1", port)
+    return container, f"127.0.0.1:{port}"
+
+
+def logs(container: DockerContainer) -> str:
+    out, err = container.get_logs()
+    return (out + err).decode(errors="replace")[-4000:]
+
+
+def health(address: str, timeout: float = 2.0) -> str | None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=timeout).status
+        except grpc.RpcError:
+            return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def wait_serving(address: str, containers: list[DockerContainer]) -> float:
+    """Seconds until gRPC health says SERVING; fails at once if a container exits."""
+    start = time.monotonic()
+    while time.monotonic() - start < STARTUP_TIMEOUT_S:
+        for c in containers:
+            wrapped = c.get_wrapped_container()
+            wrapped.reload()
+            if wrapped.status != "running":
+                pytest.fail(f"container {wrapped.name} is {wrapped.status}:\n{logs(c)}")
+        if health(address) == "SERVING":
+            return time.monotonic() - start
+        time.sleep(0.5)
+    pytest.fail(f"{address} not SERVING within {STARTUP_TIMEOUT_S:.0f} s:\n"
+                + "\n".join(logs(c) for c in containers))
