@@ -97,11 +97,7 @@ def from_pod_spec(image: str, path: str, env: dict[str, str] | None = None,
     container = DockerContainer(image, **docker_settings(spec))
     if "command" in c:
         container.with_kwargs(entrypoint=c["command"])
-    args = list(c.get("args", []))
-    if extra_args:
-        # A shell command (the workers') takes them at its end; an argv takes them as items.
-        args = [args[0] + " " + " ".join(extra_args)] if "command" in c else args + extra_args
-    container.with_command(args)
+    container.with_command(list(c.get("args", [])) + list(extra_args or []))
     for e in c.get("env", []):
         if "value" in e:
             container.with_env(e["name"], e["value"])

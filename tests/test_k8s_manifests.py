@@ -17,14 +17,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
-MANIFESTS = sorted(K8S.rglob("*.yaml"))
+# Plain manifests (kubectl apply -f) and overlays (kubectl apply -k, rendered by tests/kustomize.py).
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+OVERLAYS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
 # The newest schemas kubernetes-validate ships, and an older release still widely run.
 VERSIONS = ["1.30"]
 
 
 def objects() -> list[tuple[str, dict]]:
+    from kustomize import render
+
     return [(f"{p.relative_to(K8S)}#{i}", doc) for p in MANIFESTS
-            for i, doc in enumerate(yaml.safe_load_all(p.read_text())) if doc]
+            for i, doc in enumerate(yaml.safe_load_all(p.read_text())) if doc] + \
+        [(f"{o.relative_to(K8S)}/{doc['kind']}/{doc['metadata']['name']}", doc) for o in OVERLAYS
+         for doc in render(o)]
 
 
 def validate(doc: dict, version: str) -> None:
@@ -70,8 +76,18 @@ def skipped_checks() -> list[str]:
 
 
 def test_the_policy_scan_finds_nothing_the_readme_does_not_justify(tmp_path):
+    from kustomize import render
+
+    # One folder with the manifests and the overlays rendered (checkov's own kustomize support
+    # needs the kustomize binary).
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    for p in MANIFESTS:
+        (scan / str(p.relative_to(K8S)).replace("/", "--")).write_text(p.read_text())
+    for o in OVERLAYS:
+        (scan / f"overlay-{o.name}.yaml").write_text(yaml.safe_dump_all(render(o)))
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_NO_OUTPUT_PROGRESS": "1", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "checkov.main", "--directory", str(K8S), "--framework",
+    out = subprocess.run([sys.executable, "-m", "checkov.main", "--directory", str(scan), "--framework",
                           "kubernetes", "--config-file", str(ROOT / "deploy" / "checkov.yaml"),
                           "--skip-download", "--compact", "--quiet", "--output", "json"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -99,5 +115,15 @@ def test_grace_periods_cover_the_drain_and_every_container_is_bounded():
             assert c["imagePullPolicy"] in ("IfNotPresent", "Always"), name
             for kind in ("requests", "limits"):
                 assert set(c["resources"][kind]) >= {"cpu", "memory", "ephemeral-storage"}, (name, kind)
-        assert not any("persistentVolumeClaim" in v for v in pod.get("volumes", [])), \
-            f"{name}: a claim shared by the replicas (ReadWriteOnce: Multi-Attach across nodes)"
+        # A claim that all replicas mount must be ReadOnlyMany and mounted read-only: one
+        # ReadWriteOnce claim across pods on several nodes fails with Multi-Attach.
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod.get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        for claim in claims.values():
+            assert claim.get("readOnly") is True, name
+            pvc = next(d for _, d in objects() if d["kind"] == "PersistentVolumeClaim"
+                       and d["metadata"]["name"] == claim["claimName"])
+            assert pvc["spec"]["accessModes"] == ["ReadOnlyMany"], name
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] not in claims or mount.get("readOnly") is True, (name, mount)
