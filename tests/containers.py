@@ -59,45 +59,56 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def pod_container(path: str, kind: str = "StatefulSet") -> dict:
-    """The first container of the pod template in deploy/k8s/PATH, with the pod's spec."""
+def pod_spec(path: str, kind: str = "StatefulSet", patches: str | None = None) -> dict:
+    """The pod template of the KIND in deploy/k8s/PATH; `patches`: a JSON 6902 patch file under
+    deploy/k8s applied first (as an overlay's kustomization does)."""
+    from kustomize import apply_patch_file
+
     for doc in yaml.safe_load_all((K8S / path).read_text()):
         if doc and doc["kind"] == kind:
-            pod = doc["spec"]["template"]["spec"]
-            return {"pod": pod, "container": pod["containers"][0]}
+            if patches:
+                apply_patch_file(doc, K8S / patches)
+            return doc["spec"]["template"]["spec"]
     raise AssertionError(f"no {kind} in {path}")
 
 
-def docker_settings(spec: dict) -> dict:
+def docker_settings(pod: dict, container: dict, shared: dict[str, str], claims: dict[str, str]) -> dict:
     """docker run settings that impose what the pod spec imposes: its uid/gid, read-only root,
-    capabilities dropped, no privilege escalation, default seccomp, and each emptyDir as a tmpfs
-    of its sizeLimit, writable by the pod's fsGroup (as Kubernetes makes it)."""
-    pod, container = spec["pod"], spec["container"]
+    capabilities dropped, no privilege escalation, default seccomp, each emptyDir a tmpfs of its
+    sizeLimit writable by the pod's fsGroup (as Kubernetes makes it), or the Docker volume named
+    in `shared` (an emptyDir that an init container fills); each claim the host path in `claims`."""
     pod_sc, sc = pod["securityContext"], container["securityContext"]
     assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"   # Docker's default profile
-    empty_dirs = {v["name"]: v["emptyDir"] for v in pod.get("volumes", []) if "emptyDir" in v}
-    tmpfs = {}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    tmpfs, binds = {}, {}
     for mount in container.get("volumeMounts", []):
-        ed = empty_dirs[mount["name"]]   # only emptyDirs: the manifests mount no claim
-        size = ed.get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
-        tmpfs[mount["mountPath"]] = f"size={size},uid={pod_sc['runAsUser']},gid={pod_sc['fsGroup']},mode=0770"
+        v, path = volumes[mount["name"]], mount["mountPath"]
+        mode = "ro" if mount.get("readOnly") else "rw"
+        if "persistentVolumeClaim" in v:
+            binds[claims[v["persistentVolumeClaim"]["claimName"]]] = {"bind": path, "mode": mode}
+        elif v["name"] in shared:
+            binds[shared[v["name"]]] = {"bind": path, "mode": mode}
+        else:
+            size = v["emptyDir"].get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
+            tmpfs[path] = f"size={size},uid={pod_sc['runAsUser']},gid={pod_sc['fsGroup']},mode=0770"
     return {"user": f"{pod_sc['runAsUser']}:{pod_sc['runAsGroup']}",
-            "read_only": sc["readOnlyRootFilesystem"],
+            "read_only": container["securityContext"]["readOnlyRootFilesystem"],
             "cap_drop": sc["capabilities"]["drop"],
             "security_opt": [] if sc["allowPrivilegeEscalation"] else ["no-new-privileges"],
-            "tmpfs": tmpfs}
+            "tmpfs": tmpfs, "volumes": binds}
 
 
-def from_pod_spec(image: str, path: str, env: dict[str, str] | None = None,
-                  extra_args: list[str] | None = None) -> DockerContainer:
-    """A container running what deploy/k8s/PATH's pod runs: its command, args, env and security
-    settings (Kubernetes' $(VAR) expansion is not needed: the manifests use none)."""
-    spec = pod_container(path)
-    c = spec["container"]
-    container = DockerContainer(image, **docker_settings(spec))
+def from_pod_spec(image: str, pod: dict, env: dict[str, str] | None = None, init: bool = False,
+                  shared: dict[str, str] | None = None,
+                  claims: dict[str, str] | None = None) -> DockerContainer:
+    """A container running what the pod's (first, or first init) container runs: its command,
+    args, env and security settings (Kubernetes' $(VAR) expansion is not needed: the manifests
+    use none)."""
+    c = pod["initContainers" if init else "containers"][0]
+    container = DockerContainer(image, **docker_settings(pod, c, shared or {}, claims or {}))
     if "command" in c:
         container.with_kwargs(entrypoint=c["command"])
-    container.with_command(list(c.get("args", [])) + list(extra_args or []))
+    container.with_command(list(c.get("args", [])))
     for e in c.get("env", []):
         if "value" in e:
             container.with_env(e["name"], e["value"])

@@ -31,6 +31,11 @@ def _apply(doc: dict, op: dict) -> None:
         raise ValueError(f"unsupported op {op['op']}")
 
 
+def apply_patch_file(doc: dict, path: Path) -> None:
+    for op in json.loads(path.read_text()):
+        _apply(doc, op)
+
+
 def render(folder: Path) -> list[dict]:
     spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
     docs = [d for r in spec["resources"] for d in yaml.safe_load_all((folder / r).read_text()) if d]
@@ -38,6 +43,5 @@ def render(folder: Path) -> list[dict]:
         target = patch["target"]
         matches = [d for d in docs if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
         assert len(matches) == 1, f"{target} matches {len(matches)} objects"
-        for op in json.loads((folder / patch["path"]).read_text()):
-            _apply(matches[0], op)
+        apply_patch_file(matches[0], folder / patch["path"])
     return docs

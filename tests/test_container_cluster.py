@@ -25,6 +25,7 @@ from containers import (  # noqa: E402
     from_pod_spec,
     health,
     on_loopback,
+    pod_spec,
     require_images,
     wait_serving,
 )
@@ -38,7 +39,7 @@ needs_router = pytest.mark.skipif(not HAS_ROUTER, reason="no router_service on t
 
 def worker(net: Network, ordinal: int):
     name = f"sarathi-worker-{ordinal}"
-    return (from_pod_spec(WORKER_IMAGE, "worker-cpu/worker.yaml",
+    return (from_pod_spec(WORKER_IMAGE, pod_spec("worker-cpu/worker.yaml"),
                           env={"POD_NAME": name, "SCHEDULERS": str(SCHEDULERS)})
             .with_network(net).with_network_aliases(f"{name}.sarathi-worker"))
 
@@ -51,14 +52,15 @@ class Deployment:
             # "sarathi-scheduler" on every scheduler: Docker's DNS answers it with all of them,
             # as the headless Service does.
             c, address = on_loopback(
-                from_pod_spec(SCHEDULER_IMAGE, "scheduler.yaml").with_network(net)
+                from_pod_spec(SCHEDULER_IMAGE, pod_spec("scheduler.yaml")).with_network(net)
                 .with_network_aliases(f"sarathi-scheduler-{i}.sarathi-scheduler", "sarathi-scheduler"),
                 50051)
             self.schedulers.append(c)
             self.scheduler_addresses.append(address)
         self.workers = {i: worker(net, i) for i in range(3)}
         self.router, self.router_address = (on_loopback(
-            from_pod_spec(SCHEDULER_IMAGE, "router.yaml", kind="Deployment").with_network(net), 50051)
+            from_pod_spec(SCHEDULER_IMAGE, pod_spec("router.yaml", kind="Deployment")).with_network(net),
+            50051)
             if HAS_ROUTER else (None, None))
 
     def containers(self):
