@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from sarathi_common.options import add_options, from_namespace
+from sarathi_common.options import add_config_file_option, add_options, from_namespace, settle
 from scheduler_service.config import SchedulerConfig
 from worker_service.config import WorkerConfig
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         return (bench_cli.main_bench if argv[0] == "bench" else bench_cli.main_capacity)(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = settle(parser.parse_args(argv))   # flags, then $SARATHI_*, then --config's YAML
     if args.command == "serve" and args.replicas < 1:
         parser.error("--replicas must be at least 1")
     if args.command == "worker":
@@ -95,18 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "process; it takes its API key from $SARATHI_API_KEY)")
     add_options(p, WorkerConfig, skip=(*_ADDRESS, "scheduler", "advertise", "drain_seconds"))
     add_options(p, SchedulerConfig, skip=(*_ADDRESS, "worker", "model"))
+    add_config_file_option(p)
 
     p = sub.add_parser("worker", help="a worker service (model shard + KV cache)")
     add_options(p, WorkerConfig)
+    add_config_file_option(p)
 
     p = sub.add_parser("scheduler", help="the scheduler service, driving its workers (named or joined)")
     add_options(p, SchedulerConfig)
+    add_config_file_option(p)
 
     from sarathi.console import ConnectionConfig
     from sarathi.gateway.config import GatewayConfig
 
     p = sub.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of a scheduler or router")
     add_options(p, GatewayConfig)
+    add_config_file_option(p)
 
     p = sub.add_parser("generate", help="stream one answer from a running server")
     p.add_argument("prompt", help="the prompt (sent as is, or as a user message with --chat)")

@@ -14,7 +14,7 @@ import time
 from sarathi.client import Client, wait_serving
 from sarathi_common.lifecycle import dies_with_this_process
 from sarathi_common.net import free_port
-from sarathi_common.options import to_flags
+from sarathi_common.options import to_flags, without_option_variables
 from scheduler_service.config import SchedulerConfig
 from worker_service.config import HYBRID_GRAPH_TOKENS, WorkerConfig
 
@@ -41,10 +41,16 @@ def gateway_command(scheduler: SchedulerConfig, http_port: int) -> list[str]:
             "--host", scheduler.host, "--port", str(http_port)]
 
 
+def child_environment() -> dict[str, str]:
+    """This environment less the SARATHI_* settings meant for `serve` itself: its children get
+    theirs as flags (a SARATHI_PORT for the scheduler must not move the worker or the gateway)."""
+    return without_option_variables(os.environ, SchedulerConfig, WorkerConfig)
+
+
 def replica_environments(worker: WorkerConfig, replicas: int) -> list[dict[str, str]]:
     """Each replica's environment: on GPUs, its own devices (CUDA_VISIBLE_DEVICES, cut from the
     one given to `serve`, or 0..n-1), world_size of them per replica."""
-    base = dict(os.environ)
+    base = child_environment()
     if replicas == 1 or worker.device == "cpu":
         return [base] * replicas
     world = worker.world_size
@@ -73,7 +79,7 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int |
     children = [subprocess.Popen(worker_command(w), env=env, preexec_fn=dies_with_this_process())
                 for w, env in zip(workers, replica_environments(worker, replicas), strict=True)]
     if http_port is not None:
-        children.append(subprocess.Popen(gateway_command(scheduler, http_port),
+        children.append(subprocess.Popen(gateway_command(scheduler, http_port), env=child_environment(),
                                          preexec_fn=dies_with_this_process()))
 
     def stop_children() -> None:

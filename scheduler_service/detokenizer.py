@@ -3,7 +3,8 @@
 Decoding one token at a time is wrong for byte-level BPE (a character can span tokens) and for
 tokenizers that merge spaces; so each step decodes a short window of recent tokens and emits the
 text past what was already emitted. Text that could be the start of a stop string is held back
-until it is known not to be one.
+until it is known not to be one. Every step is a bounded amount of C-level work (two short
+decodes, a few string searches): it runs on the frontend's event loop.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.prefix_offset = max(0, self.read_offset - 5)
         self._max_stop = max((len(s) for s in self.stop), default=0)
+        self._first_chars = {s[0] for s in self.stop if s}
 
     def add(self, new_ids: list[int]) -> DetokenizerStep:
         self.token_ids.extend(new_ids)
@@ -58,10 +60,13 @@ class IncrementalDetokenizer:
             cut = min(i for i, _ in hits)
             self.pending = ""
             return DetokenizerStep(text[:cut], stopped=True)
-        # Hold back the longest suffix that is a prefix of some stop string.
-        hold = 0
-        for n in range(1, min(self._max_stop, len(text)) + 1):
-            if any(s.startswith(text[-n:]) for s in self.stop):
-                hold = n
-        self.pending = text[len(text) - hold:] if hold else ""
-        return DetokenizerStep(text[:len(text) - hold])
+        # Hold back from the first place in the last (longest stop - 1) characters where a stop
+        # string could begin (its first character): a superset of the suffixes that are a stop's
+        # prefix, found with a few C-level searches. The exact test (every suffix against every
+        # stop) cost 2.8 ms a step in Python for 64 stop strings of 1024 characters, and it runs
+        # on the frontend's event loop, where it would delay every other stream.
+        tail_start = max(0, len(text) - (self._max_stop - 1))
+        starts = [i for i in (text.find(c, tail_start) for c in self._first_chars) if i >= 0]
+        cut = min(starts, default=len(text))
+        self.pending = text[cut:]
+        return DetokenizerStep(text[:cut])

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
 from sarathi_common.auth import BearerTokenInterceptor, load_token, server_credentials
+from sarathi_common.lifecycle import release_freed_memory
 from sarathi_common.net import listen
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.detokenizer import IncrementalDetokenizer
@@ -81,11 +82,12 @@ def _max_chars_per_token(tokenizer) -> int:
     return longest * (4 if normalizes else 1)
 
 
-def _decode_generate(data: bytes):
-    try:
-        return generation_pb2.GenerateRequest.FromString(data)
-    except DecodeError as e:
-        return Undecodable(str(e) or "malformed message")
+class Oversized:
+    """A request larger than any that could fit the model's context: refused by its size alone,
+    without parsing it (parsing runs on the event loop: 2 s of every stream's time for 100 MB)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size, self.limit = size, limit
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -111,6 +113,27 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             dtype=info.dtype,
             device=info.device, eos_token_ids=info.eos_token_ids)
 
+    def decode_request(self, data: bytes):
+        """Generate's request deserializer (it runs on the event loop)."""
+        limit = self.request_limit()
+        if limit and len(data) > limit:
+            return Oversized(len(data), limit)
+        try:
+            return generation_pb2.GenerateRequest.FromString(data)
+        except DecodeError as e:
+            return Undecodable(str(e) or "malformed message")
+
+    def request_limit(self) -> int:
+        """The most bytes a request whose prompt fits the context can take (0: not known before
+        the engine is ready): each prompt character at most 4 bytes of UTF-8; each chat message
+        (at most one per context token) or token id a few bytes of framing; the stop fields are
+        capped; sampling is small."""
+        info = self.engine.ready
+        if info is None:
+            return 0
+        return (4 * info.max_model_len * self.max_chars_per_token + 32 * info.max_model_len
+                + MAX_STOP_STRINGS * (4 * MAX_STOP_CHARS + 8) + 6 * MAX_STOP_TOKEN_IDS + 4096)
+
     async def Generate(self, request, context):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down: retry")
@@ -119,6 +142,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                                 f"the request is not a valid GenerateRequest (strings must be UTF-8): "
                                 f"{request.error}")
         info = await self._ready_info(context)
+        if isinstance(request, Oversized):
+            release_freed_memory()   # gRPC's buffers for the message went back to the heap
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is {request.size} bytes: no prompt that fits the model's "
+                                f"context of {info.max_model_len} tokens takes more than {request.limit}")
         try:
             params = request.sampling
             self._check_sampling(params, info)   # cheap checks before tokenizing
@@ -253,6 +281,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     def _check_text_length(self, request, kind: str, info: EngineReady) -> None:
         """Text too long to fit the context whatever it tokenizes to is refused without
         tokenizing it (seconds of CPU and a gigabyte of memory for a 16 MB prompt)."""
+        if kind == "chat" and len(request.chat.messages) > info.max_model_len:
+            raise BadRequest(f"chat has {len(request.chat.messages)} messages: more than the model's "
+                             f"context of {info.max_model_len} tokens can hold")
         chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.chat.messages)
         limit = info.max_model_len * self.max_chars_per_token
         if chars > limit:
@@ -330,10 +361,10 @@ class MembershipService(worker_pb2_grpc.MembershipServicer):
 
 
 def add_generation_service(service: GenerationService, server) -> None:
-    """add_GenerationServicer_to_server, with Generate's request decoded by _decode_generate."""
+    """add_GenerationServicer_to_server, with Generate's request decoded by the service."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate, request_deserializer=_decode_generate,
+            service.Generate, request_deserializer=service.decode_request,
             response_serializer=generation_pb2.GenerateResponse.SerializeToString),
         "ModelInfo": grpc.unary_unary_rpc_method_handler(
             service.ModelInfo, request_deserializer=generation_pb2.ModelInfoRequest.FromString,

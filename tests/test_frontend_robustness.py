@@ -74,13 +74,13 @@ def _stream_gaps(stub, prompt: list[int], n: int, gaps: list[float], errors: lis
 def test_huge_prompt_does_not_stall_other_streams_or_health(big_message_server):
     server = big_message_server
     stub = server.stub()
-    # 16 MiB of text (the limit raised by the flag) is refused at once, without tokenizing: the
-    # context cannot hold that many characters.
+    # 16 MiB of text (the limit raised by the flag) is refused at once, without parsing or
+    # tokenizing it: no prompt the context can hold takes that many bytes.
     huge = "All work and no play makes Jack a dull boy. " * (16 * 2**20 // 44)
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         collect(stub.Generate(pb.GenerateRequest(text=huge), timeout=60))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "characters" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in err.value.details()
     assert time.monotonic() - start < 3
     del huge
     # 600,000 CJK characters may fit, so they are tokenized (about 1.6 million tokens, over a
@@ -171,3 +171,84 @@ def test_second_server_on_a_busy_port_exits_with_one_line(default_server):
     lines = [line for line in proc.stderr.splitlines() if "in use" in line]
     assert lines, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_16_and_100_mb_prompts_beside_8_streams_stall_nothing_and_memory_returns():
+    """With the message limit raised to 128 MiB: prompts too large for any context are refused
+    by their size, before they are parsed on the event loop; the other streams keep their pace,
+    health answers throughout, and the frontend's memory comes back afterwards."""
+    import psutil
+
+    server = start_server("--chunk-size", "64", "--max-message-mb", "128")
+    try:
+        stub = server.stub()
+        frontend = psutil.Process(server.proc.pid)
+        collect(stub.Generate(greedy_request([1, 2, 3], 4)))
+        rss_start = frontend.memory_info().rss
+        gaps: list[list[tuple[float, float]]] = [[] for _ in range(8)]
+        errors: list[BaseException] = []
+
+        def stream(i: int) -> None:
+            try:
+                last = time.monotonic()
+                for msg in stub.Generate(greedy_request([100 + i, 200, 300], 250), timeout=600):
+                    now = time.monotonic()
+                    if msg.HasField("chunk"):
+                        gaps[i].append((now, now - last))
+                    last = now
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+
+        health_times: list[float] = []
+        done = threading.Event()
+
+        def poll_health() -> None:
+            with grpc.insecure_channel(server.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while not done.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    except grpc.RpcError as e:
+                        errors.append(e)
+                        return
+                    health_times.append(time.monotonic() - t0)
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+        threads.append(threading.Thread(target=poll_health))
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: all(len(g) >= 10 for g in gaps), timeout=120)
+        windows = []
+        for mb in (16, 100):
+            text = "All work and no play makes Jack a dull boy. " * (mb * 2**20 // 44)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                collect(stub.Generate(pb.GenerateRequest(text=text), timeout=120))
+            windows.append((start, time.monotonic()))
+            del text
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "bytes: no prompt that fits" in err.value.details()
+            time.sleep(2)
+        done.set()
+        for t in threads:
+            t.join(600)
+        assert not errors, errors
+        every = sorted((t, g) for gs in gaps for t, g in gs[1:])
+        first = windows[0][0]
+        normal = max(g for t, g in every if t < first)   # the largest gap before the big prompts
+        during = [max((g for t, g in every if a <= t <= b + 0.5), default=0.0) for a, b in windows]
+        rss_end = frontend.memory_info().rss
+        print(f"largest gap before {normal * 1e3:.0f} ms, during 16/100 MB "
+              f"{during[0] * 1e3:.0f}/{during[1] * 1e3:.0f} ms; health {len(health_times)} checks, "
+              f"slowest {max(health_times) * 1e3:.0f} ms; frontend RSS {rss_start / 2**20:.0f} -> "
+              f"{rss_end / 2**20:.0f} MiB")
+        assert max(during) <= 2 * normal
+        assert max(health_times) < 1.0
+        assert rss_end <= 1.2 * rss_start
+        tokens, _, _ = collect(stub.Generate(greedy_request([100, 200], 2)))
+        assert len(tokens) == 2
+    finally:
+        server.stop()

@@ -82,6 +82,9 @@ BAD = {
     "chat content not UTF-8": (raw_chat_request(b"user", b"\xc3\x28"), "UTF-8"),
     "chat role not UTF-8": (raw_chat_request(b"\xff", b"hi"), "UTF-8"),
     "truncated message": (b"\x0a\x10abc", "GenerateRequest"),
+    "more chat messages than the context has tokens": (chat_request(*["user"] * 8193), "messages"),
+    "larger than any prompt that fits (refused unparsed)": (
+        pb.GenerateRequest(text="x" * (3 * 2**20 + 2**19)), "bytes: no prompt that fits"),
 }
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from sarathi.gateway.config import API_KEY_ENV, GatewayConfig
-from sarathi_common.options import add_options, from_namespace
+from sarathi_common.options import add_config_file_option, add_options, from_namespace, settle
 
 log = logging.getLogger("sarathi.gateway")
 
@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m sarathi.gateway", description=__doc__.split("\n\n")[0])
     add_options(parser, GatewayConfig)
-    run_gateway(from_namespace(GatewayConfig, parser.parse_args(sys.argv[1:] if argv is None else argv)))
+    add_config_file_option(parser)
+    args = settle(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    run_gateway(from_namespace(GatewayConfig, args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 
 from sarathi_common.lifecycle import dies_with_this_process
 from sarathi_common.net import free_port
-from sarathi_common.options import to_flags
+from sarathi_common.options import to_flags, without_option_variables
 from worker_service.config import WorkerConfig
 
 
@@ -33,7 +33,9 @@ def peer_commands(config: WorkerConfig) -> list[list[str]]:
 def start_local_ranks(config: WorkerConfig) -> WorkerConfig:
     """Starts ranks 1..n on this host; returns rank 0's config with the layout they share."""
     config = with_local_layout(config)
-    peers = [subprocess.Popen(cmd, preexec_fn=dies_with_this_process()) for cmd in peer_commands(config)]
+    env = without_option_variables(os.environ, WorkerConfig)   # their settings come as flags
+    peers = [subprocess.Popen(cmd, env=env, preexec_fn=dies_with_this_process())
+             for cmd in peer_commands(config)]
     threading.Thread(target=exit_with_failed_peer, args=(peers,), daemon=True).start()
     return config
 
