@@ -80,14 +80,14 @@ def docker_settings(pod: dict, container: dict, shared: dict[str, str], claims: 
     pod_sc, sc = pod["securityContext"], container["securityContext"]
     assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"   # Docker's default profile
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    tmpfs, binds = {}, {}
+    tmpfs, binds = {}, []
     for mount in container.get("volumeMounts", []):
         v, path = volumes[mount["name"]], mount["mountPath"]
         mode = "ro" if mount.get("readOnly") else "rw"
         if "persistentVolumeClaim" in v:
-            binds[claims[v["persistentVolumeClaim"]["claimName"]]] = {"bind": path, "mode": mode}
+            binds.append((claims[v["persistentVolumeClaim"]["claimName"]], path, mode))
         elif v["name"] in shared:
-            binds[shared[v["name"]]] = {"bind": path, "mode": mode}
+            binds.append((shared[v["name"]], path, mode))
         else:
             size = v["emptyDir"].get("sizeLimit", "1Gi").replace("Gi", "g").replace("Mi", "m")
             tmpfs[path] = f"size={size},uid={pod_sc['runAsUser']},gid={pod_sc['fsGroup']},mode=0770"
@@ -105,7 +105,11 @@ def from_pod_spec(image: str, pod: dict, env: dict[str, str] | None = None, init
     args, env and security settings (Kubernetes' $(VAR) expansion is not needed: the manifests
     use none)."""
     c = pod["initContainers" if init else "containers"][0]
-    container = DockerContainer(image, **docker_settings(pod, c, shared or {}, claims or {}))
+    settings = docker_settings(pod, c, shared or {}, claims or {})
+    tmpfs = settings.pop("tmpfs")
+    container = DockerContainer(image, **settings)
+    for path, options in tmpfs.items():
+        container.with_tmpfs_mount(path, options)
     if "command" in c:
         container.with_kwargs(entrypoint=c["command"])
     container.with_command(list(c.get("args", [])))
