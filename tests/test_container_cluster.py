@@ -40,14 +40,16 @@ needs_router = pytest.mark.skipif(not HAS_ROUTER, reason="no router_service on t
 def worker(net: Network, ordinal: int):
     name = f"sarathi-worker-{ordinal}"
     return (from_pod_spec(WORKER_IMAGE, pod_spec("worker-cpu/worker.yaml"),
-                          env={"POD_NAME": name, "SCHEDULERS": str(SCHEDULERS)})
+                          # A smaller KV cache than the manifest's 2 GiB: six containers share the host.
+                          env={"POD_NAME": name, "SCHEDULERS": str(SCHEDULERS),
+                               "SARATHI_CPU_CACHE_GIB": "0.5"})
             .with_network(net).with_network_aliases(f"{name}.sarathi-worker"))
 
 
 class Deployment:
     def __init__(self, net: Network):
         self.net = net
-        self.schedulers, self.scheduler_addresses = [], []
+        self.schedulers, self.scheduler_addresses, self.metrics_addresses = [], [], []
         for i in range(SCHEDULERS):
             # "sarathi-scheduler" on every scheduler: Docker's DNS answers it with all of them,
             # as the headless Service does.
@@ -55,8 +57,10 @@ class Deployment:
                 from_pod_spec(SCHEDULER_IMAGE, pod_spec("scheduler.yaml")).with_network(net)
                 .with_network_aliases(f"sarathi-scheduler-{i}.sarathi-scheduler", "sarathi-scheduler"),
                 50051)
+            c, metrics = on_loopback(c, 9090)
             self.schedulers.append(c)
             self.scheduler_addresses.append(address)
+            self.metrics_addresses.append(metrics)
         self.workers = {i: worker(net, i) for i in range(3)}
         self.router, self.router_address = (on_loopback(
             from_pod_spec(SCHEDULER_IMAGE, pod_spec("router.yaml", kind="Deployment")).with_network(net),
@@ -104,71 +108,92 @@ def references(hf_model, prompts) -> list[list[int]]:
     return [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
 
 
-def run(address: str, prompts: list[list[int]], during=None) -> list[list[int]]:
-    """Streams every prompt at once; `during()` runs once every stream has its first token."""
+def run(address: str, prompts: list[list[int]], during=None, after_first: int = 4) -> list[list[int]]:
+    """Streams every prompt at once; `during()` runs once `after_first` streams have their first
+    token (the others still queued, prefilling or streaming: work in flight everywhere)."""
     import threading
 
     import grpc
 
     from protos import generation_pb2_grpc
 
-    started = threading.Barrier(len(prompts) + 1, timeout=120)
+    lock, started, trigger = threading.Lock(), [0], threading.Event()
 
     def one(prompt):
         def stream():
-            first = True
-            for msg in stub.Generate(greedy_request(prompt, NEW_TOKENS), timeout=180):
-                if first:
-                    started.wait()
-                    first = False
+            for i, msg in enumerate(stub.Generate(greedy_request(prompt, NEW_TOKENS), timeout=300)):
+                if i == 0:
+                    with lock:
+                        started[0] += 1
+                        if started[0] >= after_first:
+                            trigger.set()
                 yield msg
 
-        tokens, _, _ = collect(stream())
-        return tokens
+        return collect(stream())[0]
 
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(one, p) for p in prompts]
-            started.wait()
             if during is not None:
+                assert trigger.wait(180), "no stream started"
                 during()
             return [f.result() for f in futures]
 
 
+def samples(address: str, name: str) -> list:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def metric(address: str, name: str) -> float:
+    """A Prometheus sample's value, summed over its series (0 if none)."""
+    return sum(s.value for s in samples(address, name))
+
+
 @needs_router
-def test_32_concurrent_greedy_requests_through_the_router_are_exact(deployment, prompts, references):
+def test_32_concurrent_greedy_requests_through_the_router_are_exact(references, prompts, deployment):
     assert run(deployment.router_address, prompts) == references
 
 
-def test_a_worker_killed_mid_stream_loses_no_request(deployment, prompts, references):
-    """Scheduler 0 has workers 0 and 2: `docker kill` of worker 0 while all 32 stream; its
-    requests continue on worker 2 from the tokens already sent."""
+def test_a_worker_killed_mid_stream_loses_no_request(references, prompts, deployment):
+    """Scheduler 0 has workers 0 and 2: `docker kill` of worker 0 once the first streams have
+    tokens; its requests continue on worker 2 from the tokens already sent (recomputed: more
+    prompt tokens prefilled than the prompts hold)."""
+    metrics = deployment.metrics_addresses[0]
+    before = metric(metrics, "sarathi_prefill_tokens_total")
     victim = deployment.workers.pop(0)
     got = run(deployment.scheduler_addresses[0], prompts,
               during=lambda: victim.get_wrapped_container().kill())
     assert got == references
+    replayed = metric(metrics, "sarathi_prefill_tokens_total") - before - sum(map(len, prompts))
+    assert replayed > 0, "the kill hit no request in flight"
     assert health(deployment.scheduler_addresses[0]) == "SERVING"
 
 
-def test_a_new_worker_container_joins_and_takes_load(deployment, prompts, references):
-    """Worker 3 joins scheduler 1 (3 mod 2); then scheduler 1's first worker stops: what it
-    serves from then on, worker 3 serves."""
+def test_a_new_worker_container_joins_and_takes_load(references, prompts, deployment):
+    """Worker 3 joins scheduler 1 (3 mod 2) beside worker 1; the requests sent there then run
+    on both (scheduler 1 had served nothing before)."""
     deployment.workers[3] = newcomer = worker(deployment.net, 3)
     newcomer.start()
-    deadline = time.monotonic() + 120
-    while b"joined the scheduler" not in b"".join(newcomer.get_logs()):
-        assert time.monotonic() < deadline, "worker 3 never joined"
-        time.sleep(0.5)
-    deployment.workers.pop(1).stop()   # SIGTERM: it drains, the scheduler moves its work
-    assert run(deployment.scheduler_addresses[1], prompts[:8]) == references[:8]
-    assert health(deployment.scheduler_addresses[1]) == "SERVING"
+    metrics = deployment.metrics_addresses[1]
+    deadline = time.monotonic() + 180
+    while metric(metrics, "sarathi_replicas_serving") < 2:
+        assert time.monotonic() < deadline, "worker 3 never joined scheduler 1"
+        time.sleep(1)
+    assert run(deployment.scheduler_addresses[1], prompts) == references
+    busy = {s.labels["replica"] for s in samples(metrics, "sarathi_replica_iterations_total") if s.value > 0}
+    assert len(busy) == 2, f"iterations ran on replicas {busy} only"
 
 
 @needs_router
-def test_stopping_one_scheduler_keeps_new_requests_succeeding_through_the_router(deployment, prompts,
-                                                                                 references):
-    deployment.schedulers[1].get_wrapped_container().stop(timeout=40)
+def test_stopping_one_scheduler_keeps_new_requests_succeeding_through_the_router(references, prompts,
+                                                                                 deployment):
+    deployment.schedulers[1].get_wrapped_container().stop(timeout=40)   # SIGTERM: it drains
     # Every round of new requests succeeds, right after the stop and once the router noticed.
     for _ in range(3):
         assert run(deployment.router_address, prompts[:8]) == references[:8]
