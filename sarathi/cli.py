@@ -1,6 +1,7 @@
 """`sarathi`: one command for every role. `serve` runs a whole replica locally; `scheduler` and
-`worker` run the two services apart (other hosts too); `gateway` puts the OpenAI-compatible HTTP
-API in front of either; `generate`, `chat` and `demo` are clients.
+`worker` run the two services apart (other hosts too); `router` puts one address in front of many
+schedulers; `gateway` puts the OpenAI-compatible HTTP API in front of any of them; `generate`,
+`chat` and `demo` are clients.
 
 This module parses and dispatches only: the settings become typed configs (WorkerConfig,
 SchedulerConfig) here, once, and each role's module takes it from there."""
@@ -11,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from router_service.config import RouterConfig
 from sarathi_common.options import add_config_file_option, add_options, from_namespace, settle
 from scheduler_service.config import SchedulerConfig
 from worker_service.config import WorkerConfig
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from scheduler_service.main import run_scheduler
 
         run_scheduler(from_namespace(SchedulerConfig, args))
+    elif args.command == "router":
+        from router_service.main import run_router
+
+        run_router(from_namespace(RouterConfig, args))
     elif args.command == "serve":
         from sarathi.supervise import run_serve
 
@@ -103,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scheduler", help="the scheduler service, driving its workers (named or joined)")
     add_options(p, SchedulerConfig)
+    add_config_file_option(p)
+
+    p = sub.add_parser("router", help="one address in front of many schedulers (least work, prefix "
+                                      "affinity, retries before the first token)")
+    add_options(p, RouterConfig)
     add_config_file_option(p)
 
     from sarathi.console import ConnectionConfig

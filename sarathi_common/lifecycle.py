@@ -19,15 +19,15 @@ from collections.abc import Callable
 _PR_SET_PDEATHSIG = 1
 
 
-def exit_with_parent(parent_pid: int) -> None:
-    """Call in the child: SIGTERM arrives when parent_pid (the process that started it) dies.
+def exit_with_parent(parent_pid: int, signum: int = signal.SIGTERM) -> None:
+    """Call in the child: `signum` arrives when parent_pid (the process that started it) dies.
     The parent's pid is passed in rather than compared with 1, since in a container the parent
     may well be process 1."""
     if not sys.platform.startswith("linux"):
         return
-    _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _libc().prctl(_PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
 
 @functools.cache

@@ -4,6 +4,7 @@ sequences than the budget has tokens) live here, not in the CLI."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from sarathi_common.options import option
@@ -13,6 +14,7 @@ from scheduler_service.policies import POLICIES, PolicyConfig
 _GROUP = "scheduler"
 _FAULTS = "replicas and faults"
 _SECURITY = "security"
+_ROUTER = "router"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,18 @@ class SchedulerConfig:
     tls_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
     tls_client_ca_file: str | None = option(
         None, "require client certificates signed by these PEM CAs (mutual TLS)", group=_SECURITY)
+    router: str | None = option(
+        None, "host:port of a router's join port (`sarathi router --join-port`): announce this scheduler "
+              "there, and again every 2 s, so that the router sends it requests", group=_ROUTER)
+    advertise: str | None = option(
+        None, "host:port where the router reaches this scheduler's API (default: --host:--port, the "
+              "host name when listening on every address)", group=_ROUTER)
+    internal_ca_file: str | None = option(
+        None, "the deployment's CA (PEM): announce to the router over mutual TLS (with "
+              "--internal-cert-file and --internal-key-file)", group=_ROUTER)
+    internal_cert_file: str | None = option(None, "this scheduler's certificate for internal links "
+                                                  "(PEM)", group=_ROUTER)
+    internal_key_file: str | None = option(None, "its private key (PEM)", group=_ROUTER)
     step_timeout_seconds: float = option(
         120.0, "a replica that returns no result for this long is lost (hung or stopped): its "
                "requests move to another replica (default: 120)", group=_FAULTS)
@@ -86,6 +100,12 @@ class SchedulerConfig:
 
     def worker_addresses(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in (self.worker or "").split(",") if a.strip())
+
+    def advertised_address(self) -> str:
+        if self.advertise:
+            return self.advertise
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "[::]", "") else self.host
+        return f"{host}:{self.port}"
 
     def policy_config(self) -> PolicyConfig:
         # A sequence takes at least one token of the budget, so more than chunk_size of them

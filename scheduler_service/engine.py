@@ -14,6 +14,7 @@ requests restart elsewhere from prompt + the tokens their clients already have (
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -28,6 +29,7 @@ from protos.batch_plan import StepOutput
 from sarathi_common.lifecycle import exit_with_parent
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.config import SchedulerConfig
+from scheduler_service.ipc_dir import ipc_dir_of, remove_ipc_dir
 from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.messages import (
     AbortRequest,
@@ -373,7 +375,14 @@ class Engine:
 
 def run_engine(config: EngineConfig, parent_pid: int) -> None:
     """Process entry point. Reports a fatal error to the frontend instead of dying silently."""
-    exit_with_parent(parent_pid)
+    def orphaned(*_) -> None:   # the frontend died without removing its socket folder
+        remove_ipc_dir(ipc_dir_of(config.update_address))
+        os._exit(128 + signal.SIGTERM)
+
+    # Its own signal for the frontend's death, apart from the SIGTERM of a frontend that closes
+    # (and removes the folder itself, or restarts an engine in it).
+    signal.signal(signal.SIGUSR1, orphaned)
+    exit_with_parent(parent_pid, signal.SIGUSR1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the frontend's to handle (it drains)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     engine = Engine(config)

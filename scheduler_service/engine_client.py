@@ -13,8 +13,6 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import zmq.asyncio
 
 from scheduler_service.config import SchedulerConfig
 from scheduler_service.engine import EngineConfig, run_engine
+from scheduler_service.ipc_dir import make_ipc_dir, remove_ipc_dir
 from scheduler_service.messages import (
     AddRequest,
     AddWorker,
@@ -61,7 +60,7 @@ class EngineClient:
         self.settings = settings
         self.metrics = metrics
         self.on_health = on_health   # called with whether a replica takes requests, on change
-        self._dir = tempfile.mkdtemp(prefix="sarathi-")
+        self._dir = make_ipc_dir()
         self.ctx = zmq.asyncio.Context()
         self.update_address = f"ipc://{self._dir}/updates"
         self.updates = self.ctx.socket(zmq.PULL)
@@ -128,7 +127,7 @@ class EngineClient:
             self.process.join(5)
         self.ctx.destroy(linger=0)
         self.command_ctx.destroy(linger=0)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        remove_ipc_dir(self._dir)
 
     # --- commands ---------------------------------------------------------------------------------
     def send_nowait(self, msg: Command) -> None:

@@ -40,6 +40,7 @@ from scheduler_service.messages import (
 )
 from scheduler_service.metrics import ServerMetrics
 from scheduler_service.request import FinishReason
+from scheduler_service.router_link import announce
 from scheduler_service.trace import to_proto
 
 log = logging.getLogger("sarathi.frontend")
@@ -419,13 +420,17 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
     reader = asyncio.create_task(engine.read_events())
     stopping = asyncio.create_task(stop.wait())
     failing = asyncio.create_task(engine.fatal_event.wait())
+    announcer = asyncio.create_task(announce(config)) if config.router else None
     try:
         await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+        if announcer is not None:   # draining or failed: the router should let go
+            announcer.cancel()
         if stop.is_set():
             await _drain(service, set_health, config.drain_seconds)
     finally:
-        for task in (reader, stopping, failing):
-            task.cancel()
+        for task in (reader, stopping, failing, announcer):
+            if task is not None:
+                task.cancel()
         await server.stop(grace=1)
         engine.close()
     if engine.fatal is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from router_service.config import RouterConfig
 from sarathi.cli import build_parser, serve_configs
 from sarathi.gateway.config import GatewayConfig
 from sarathi_common.options import from_namespace, settle
@@ -36,6 +37,8 @@ ROLES = {
     "serve": (["serve"], lambda a: serve_configs(a)[0], "max_queue", "--max-queue", 11, 12, 13),
     "gateway": (["gateway"], lambda a: from_namespace(GatewayConfig, a), "port", "--port", 8101, 8102,
                 8103),
+    "router": (["router", "--scheduler", "127.0.0.1:1"], lambda a: from_namespace(RouterConfig, a),
+               "drain_seconds", "--drain-seconds", 5.0, 6.0, 7.0),
 }
 
 
@@ -69,7 +72,7 @@ def test_the_file_wins_over_the_default(role, tmp_path):
 def test_nothing_set_gives_the_default(role):
     argv, build, name, *_ = ROLES[role]
     cls = {"scheduler": SchedulerConfig, "serve": SchedulerConfig, "worker": WorkerConfig,
-           "gateway": GatewayConfig}[role]
+           "gateway": GatewayConfig, "router": RouterConfig}[role]
     assert getattr(build(parse(argv, {})), name) == cls.__dataclass_fields__[name].default
 
 

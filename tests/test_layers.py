@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("sarathi", "sarathi_common", "scheduler_service", "worker_service", "kernels", "protos",
-            "benchmarks")
+PACKAGES = ("sarathi", "sarathi_common", "scheduler_service", "router_service", "worker_service", "kernels",
+            "protos", "benchmarks")
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
@@ -43,6 +43,8 @@ def test_the_copy_the_other_tests_break_holds_too(copy_of_the_code):
 BREAKS = {
     "a torch import in the scheduler": ("scheduler_service/engine.py", "import torch",
                                         "scheduler_service imports no torch and no worker_service BROKEN"),
+    "a torch import in the router": ("router_service/pool.py", "import torch",
+                                     "router_service imports no torch and no service BROKEN"),
     "a kernel importing the worker": ("kernels/norm.py", "import worker_service.runner",
                                       "kernels import nothing of the services BROKEN"),
     "a torch import in the gateway": ("sarathi/gateway/app.py", "import torch",
