@@ -63,13 +63,14 @@ class Deployment:
             self.scheduler_addresses.append(address)
             self.metrics_addresses.append(metrics)
         self.workers = {i: worker(net, i) for i in range(3)}
+        self.gone = []   # containers a test killed or stopped: removed at the end too
         self.router, self.router_address = (on_loopback(
             from_pod_spec(SCHEDULER_IMAGE, pod_spec("router.yaml", kind="Deployment")).with_network(net),
             50051)
             if HAS_ROUTER else (None, None))
 
     def containers(self):
-        return [*self.schedulers, *self.workers.values(), *([self.router] if self.router else [])]
+        return [*self.schedulers, *self.workers.values(), *([self.router] if self.router else []), *self.gone]
 
     def start(self) -> None:
         for c in self.containers():
@@ -167,6 +168,7 @@ def test_a_worker_killed_mid_stream_loses_no_request(references, prompts, deploy
     already sent."""
     metrics = deployment.metrics_addresses[0]
     victim = deployment.workers.pop(0)
+    deployment.gone.append(victim)
     running: dict[str, float] = {}
 
     def kill():
