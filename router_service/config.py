@@ -5,16 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from router_service.placement import PlacementPolicy
+from sarathi_common.auth import ApiAccessOptions, InternalTLSOptions
 from sarathi_common.options import option
 
 _MEMBERS = "schedulers"
 _ROUTING = "routing"
-_SECURITY = "security"
-_INTERNAL = "internal links (mutual TLS to the schedulers)"
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class RouterConfig(ApiAccessOptions, InternalTLSOptions):
     host: str = option("127.0.0.1", "address to listen on ('::' for every IPv4 and IPv6 address)")
     port: int = option(50050, "gRPC port of the API (the same API as a scheduler's)")
     metrics_port: int | None = option(None, "serve Prometheus metrics at http://HOST:PORT/metrics "
@@ -54,21 +53,6 @@ class RouterConfig:
     drain_seconds: float = option(
         30.0, "on SIGTERM: stop taking requests (health NOT_SERVING, new calls UNAVAILABLE), let "
               "those in flight finish for up to this long, then exit 0 (default: 30)")
-    token_file: str | None = option(
-        None, "require `authorization: Bearer TOKEN` on every call but health (UNAUTHENTICATED "
-              "otherwise); the file holds the token (default: $SARATHI_TOKEN, or no token). The "
-              "caller's metadata, token included, goes on to the scheduler", group=_SECURITY)
-    tls_cert_file: str | None = option(None, "serve the API over TLS with this PEM certificate "
-                                             "(chain)", group=_SECURITY)
-    tls_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
-    tls_client_ca_file: str | None = option(
-        None, "require client certificates signed by these PEM CAs (mutual TLS)", group=_SECURITY)
-    internal_ca_file: str | None = option(
-        None, "the deployment's CA (PEM): dial schedulers over mutual TLS and accept Joins only from "
-              "peers it signed (with --internal-cert-file and --internal-key-file)", group=_INTERNAL)
-    internal_cert_file: str | None = option(None, "this router's certificate for internal links (PEM)",
-                                            group=_INTERNAL)
-    internal_key_file: str | None = option(None, "its private key (PEM)", group=_INTERNAL)
 
     def static_schedulers(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in (self.scheduler or "").split(",") if a.strip())

@@ -26,7 +26,7 @@ from router_service.discovery import expire_joins, follow_dns, parse_dns_target
 from router_service.metrics import RouterMetrics
 from router_service.placement import MAX_BLOCKS, PrefixTable, choose, prefix_chain
 from router_service.pool import STATIC, Member, Pool
-from sarathi_common.auth import BearerTokenInterceptor, InternalTLS, load_token, server_credentials
+from sarathi_common.auth import BearerTokenInterceptor, InternalTLS
 from sarathi_common.net import listen
 
 log = logging.getLogger("sarathi.router")
@@ -204,10 +204,9 @@ async def serve_router(config: RouterConfig) -> None:
     if not static and dns is None and config.join_port is None:
         raise SystemExit("sarathi router: no schedulers: name them (--scheduler HOST:PORT,...), give a "
                          "DNS name (--scheduler-dns NAME:PORT) or let them join (--join-port PORT)")
-    internal = InternalTLS.from_files(config.internal_ca_file, config.internal_cert_file,
-                                      config.internal_key_file)
-    token = load_token(config.token_file)
-    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    internal = config.internal_tls()
+    token = config.api_token()
+    credentials = config.api_credentials()
     loop = asyncio.get_running_loop()
     metrics = RouterMetrics()
     if config.metrics_port is not None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 
+from sarathi_common.options import option
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/sarathi.v1.Membership/")
 TOKEN_ENV = "SARATHI_TOKEN"
 
@@ -133,3 +135,48 @@ def caller_identity(context) -> str:
     if subject:
         return "certificate " + subject[0].decode(errors="replace")
     return "connection " + context.peer()
+
+
+_SECURITY = "security"
+
+
+@dataclass(frozen=True)
+class ApiAccessOptions:
+    """Who may call a client API (a scheduler's or a router's): the options, once for both."""
+
+    token_file: str | None = option(
+        None, "require `authorization: Bearer TOKEN` on every call but health (UNAUTHENTICATED "
+              f"otherwise); the file holds the token (default: ${TOKEN_ENV}, or no token)",
+        group=_SECURITY)
+    tls_cert_file: str | None = option(None, "serve the API over TLS with this PEM certificate "
+                                             "(chain)", group=_SECURITY)
+    tls_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
+    tls_client_ca_file: str | None = option(
+        None, "require client certificates signed by these PEM CAs (mutual TLS)", group=_SECURITY)
+
+    def api_token(self) -> str | None:
+        return load_token(self.token_file)
+
+    def api_credentials(self) -> grpc.ServerCredentials | None:
+        return server_credentials(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+
+
+@dataclass(frozen=True)
+class InternalTLSOptions:
+    """Mutual TLS on the deployment's own links (router-scheduler, scheduler-worker, Join): the
+    options every role has, and the InternalTLS they make."""
+
+    internal_ca_file: str | None = option(
+        None, "mutual TLS on the internal links (router-scheduler, scheduler-worker, joins): the "
+              "deployment's CA (PEM); with --internal-cert-file and --internal-key-file, this "
+              "process dials and accepts internal peers only with certificates the CA signed",
+        group=_SECURITY)
+    internal_cert_file: str | None = option(None, "this process's certificate for the internal "
+                                                  "links (PEM, signed by --internal-ca-file)",
+                                            group=_SECURITY)
+    internal_key_file: str | None = option(None, "the internal certificate's PEM private key",
+                                           group=_SECURITY)
+
+    def internal_tls(self) -> InternalTLS | None:
+        return InternalTLS.from_files(self.internal_ca_file, self.internal_cert_file,
+                                      self.internal_key_file)

@@ -57,7 +57,11 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: Iterabl
 
 
 def _options(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+    """The option fields of `cls`, its own first and then those of the option sets it inherits
+    (sarathi_common.auth's), so that --help reads from the role's own settings down."""
+    fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+    own = set(cls.__dict__.get("__annotations__", {}))
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
 
 
 def flag_of(f: dataclasses.Field) -> str:

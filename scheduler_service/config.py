@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from sarathi_common.auth import ApiAccessOptions, InternalTLSOptions
 from sarathi_common.options import option
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.policies import POLICIES, PolicyConfig
@@ -18,7 +19,7 @@ _ROUTER = "router"
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(ApiAccessOptions, InternalTLSOptions):
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(50051, "gRPC port of the API")
     worker: str | None = option(
@@ -69,30 +70,12 @@ class SchedulerConfig:
                                  "overlap)", flag="--no-overlap", group=_GROUP)
     metrics_port: int | None = option(None, "serve Prometheus metrics at http://HOST:PORT/metrics "
                                             "(default: off)", group=_GROUP)
-    token_file: str | None = option(
-        None, "require `authorization: Bearer TOKEN` on every call but health (UNAUTHENTICATED "
-              "otherwise); the file holds the token (default: $SARATHI_TOKEN, or no token)",
-        group=_SECURITY)
-    tls_cert_file: str | None = option(None, "serve the API over TLS with this PEM certificate "
-                                             "(chain)", group=_SECURITY)
-    tls_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
-    tls_client_ca_file: str | None = option(
-        None, "require client certificates signed by these PEM CAs (mutual TLS)", group=_SECURITY)
     router: str | None = option(
         None, "host:port of a router's join port (`sarathi router --join-port`): announce this scheduler "
               "there, and again every 2 s, so that the router sends it requests", group=_ROUTER)
     advertise: str | None = option(
         None, "host:port where the router reaches this scheduler's API (default: --host:--port, the "
               "host name when listening on every address)", group=_ROUTER)
-    internal_ca_file: str | None = option(
-        None, "mutual TLS on the links to workers and to a router (--router): the deployment's CA "
-              "(PEM); with --internal-cert-file and --internal-key-file, workers are dialled over TLS "
-              "with this certificate and must present one the CA signed", group=_SECURITY)
-    internal_cert_file: str | None = option(None, "this scheduler's certificate for the internal "
-                                                  "links (PEM, signed by --internal-ca-file)",
-                                            group=_SECURITY)
-    internal_key_file: str | None = option(None, "the internal certificate's PEM private key",
-                                           group=_SECURITY)
     internal_port: int | None = option(
         None, "serve Membership (workers join here) on this port instead of the API port, with "
               "mutual TLS when internal TLS is set; with internal TLS and no internal port, workers "

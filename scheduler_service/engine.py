@@ -92,8 +92,7 @@ class EngineConfig:
                    step_timeout_s=settings.step_timeout_seconds,
                    replica_wait_s=settings.replica_wait_seconds,
                    replay=settings.on_replica_loss == "replay",
-                   internal_tls=InternalTLS.from_files(settings.internal_ca_file, settings.internal_cert_file,
-                                                       settings.internal_key_file),
+                   internal_tls=settings.internal_tls(),
                    worker_peer_name=settings.internal_peer_name)
 
 

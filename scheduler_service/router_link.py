@@ -10,7 +10,6 @@ import logging
 import grpc
 
 from protos import router_pb2, router_pb2_grpc
-from sarathi_common.auth import InternalTLS
 from scheduler_service.config import SchedulerConfig
 
 log = logging.getLogger("sarathi.frontend")
@@ -21,8 +20,7 @@ async def announce(config: SchedulerConfig) -> None:
     """Runs until cancelled (when the scheduler starts draining)."""
     assert config.router
     address = config.advertised_address()
-    internal = InternalTLS.from_files(config.internal_ca_file, config.internal_cert_file,
-                                      config.internal_key_file)
+    internal = config.internal_tls()
     channel = (grpc.aio.secure_channel(config.router, internal.channel_credentials()) if internal
                else grpc.aio.insecure_channel(config.router))
     stub = router_pb2_grpc.RouterMembershipStub(channel)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from protos.batch_plan import SamplingOptions
-from sarathi_common.auth import BearerTokenInterceptor, InternalTLS, load_token, server_credentials
+from sarathi_common.auth import BearerTokenInterceptor, InternalTLS
 from sarathi_common.lifecycle import release_freed_memory
 from sarathi_common.net import listen
 from scheduler_service.config import SchedulerConfig
@@ -393,11 +393,10 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
         for name in ("", SERVICE_NAME):
             loop.create_task(health_servicer.set(name, status))
 
-    internal_tls = InternalTLS.from_files(config.internal_ca_file, config.internal_cert_file,
-                                          config.internal_key_file)
+    internal_tls = config.internal_tls()
     engine = EngineClient(config, metrics, on_health=set_health)
-    token = load_token(config.token_file)
-    credentials = server_credentials(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+    token = config.api_token()
+    credentials = config.api_credentials()
     server = grpc.aio.server(interceptors=[BearerTokenInterceptor(token)] if token else [], options=[
         ("grpc.max_receive_message_length", int(config.max_message_mb * (1 << 20))),
         ("grpc.so_reuseport", 0)])   # a port in use fails here instead of being shared

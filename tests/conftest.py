@@ -268,3 +268,12 @@ def serve_executor(executor, max_workers: int = 4) -> tuple[grpc.Server, int]:
     port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
     server.start()
     return server, port
+
+
+def make_dev_certs(out: Path) -> Path:
+    """deploy/dev-certs.sh's CA and certificates in `out`, and another CA's in `out/other`
+    (signed, but not by this deployment: what a server must refuse)."""
+    for folder in (out, out / "other"):
+        subprocess.run([str(ROOT / "deploy" / "dev-certs.sh"), str(folder)], check=True,
+                       capture_output=True)
+    return out

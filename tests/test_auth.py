@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ROOT, collect, greedy_request
+from conftest import ROOT, collect, greedy_request, make_dev_certs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2_grpc
@@ -27,12 +27,7 @@ TOKEN = "s3cret-token-for-tests"
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certs")
-    subprocess.run([str(ROOT / "deploy" / "dev-certs.sh"), str(out)], check=True, capture_output=True)
-    # A second CA, whose client certificate the server must refuse.
-    subprocess.run([str(ROOT / "deploy" / "dev-certs.sh"), str(out / "other")], check=True,
-                   capture_output=True)
-    return out
+    return make_dev_certs(tmp_path_factory.mktemp("certs"))
 
 
 def credentials(certs: Path, client: Path | None = None) -> grpc.ChannelCredentials:

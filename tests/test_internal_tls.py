@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import ROOT, collect, greedy_request, hf_greedy, serve_executor
+from conftest import ROOT, collect, greedy_request, hf_greedy, make_dev_certs, serve_executor
 from test_worker_hardening import new_seq, plan
 from test_worker_step_stream import FakeExecutor
 
@@ -40,11 +40,7 @@ OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certs")
-    subprocess.run([str(ROOT / "deploy" / "dev-certs.sh"), str(out)], check=True, capture_output=True)
-    # Another CA's certificates: signed, but not by this deployment.
-    subprocess.run([str(ROOT / "deploy" / "dev-certs.sh"), str(out / "other")], check=True,
-                   capture_output=True)
+    out = make_dev_certs(tmp_path_factory.mktemp("certs"))
     (out / "token").write_text(TOKEN + "\n")
     return out
 

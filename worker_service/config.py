@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from sarathi_common.auth import InternalTLSOptions
 from sarathi_common.options import option
 
 HYBRID_GRAPH_TOKENS = 512  # the default: the largest size measured on an H100
@@ -17,7 +18,7 @@ JOIN_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(InternalTLSOptions):
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(50061, "gRPC port")
     model: str | None = option(
@@ -55,13 +56,6 @@ class WorkerConfig:
     drain_seconds: float = option(
         30.0, "on SIGTERM: tell the scheduler (it moves or finishes this worker's requests and takes "
               "no new ones here), wait for it to let go for up to this long, then exit 0", group=_MEMBERSHIP)
-    internal_ca_file: str | None = option(
-        None, "mutual TLS on the worker port and on Join: the deployment's CA (PEM); with "
-              "--internal-cert-file and --internal-key-file, only peers with a certificate this CA "
-              "signed can call the worker", group=_SECURITY)
-    internal_cert_file: str | None = option(None, "this worker's certificate (PEM, signed by "
-                                                  "--internal-ca-file)", group=_SECURITY)
-    internal_key_file: str | None = option(None, "the certificate's PEM private key", group=_SECURITY)
     internal_peer_name: str | None = option(
         None, "the DNS name the scheduler's certificate carries, checked instead of --scheduler's "
               "host (default: that host)", group=_SECURITY)

@@ -348,7 +348,7 @@ def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: in
     # of ms for a hybrid step); at Python's default 5 ms switch interval the thread that returns
     # the previous step's tokens waits that long, and so does the scheduler's next plan.
     sys.setswitchinterval(5e-4)
-    tls = InternalTLS.from_files(config.internal_ca_file, config.internal_cert_file, config.internal_key_file)
+    tls = config.internal_tls()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="worker-rpc"),
                          options=GRPC_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     service = WorkerService(executor, weight_bytes, config.cpu_cache_bytes)
