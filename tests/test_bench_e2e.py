@@ -52,6 +52,7 @@ def test_bench_on_the_embedded_model_writes_sensible_results(local_server, tmp_p
     assert all(it["duration_s"] > 0 for it in iterations)
 
 
+@pytest.mark.slow   # about 30-50 s: make test stays under 15 minutes on 2 cores
 def test_capacity_search_against_a_running_server_prints_the_policy_table(local_server, tmp_path, capsys):
     argv = ["--address", local_server.address, "--policies", "sarathi", "--output-dir", str(tmp_path)]
     argv += ["--num-requests", "6", "--lengths", "fixed", "--prompt-tokens", "32", "--output-tokens", "6"]

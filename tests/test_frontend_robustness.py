@@ -71,6 +71,7 @@ def _stream_gaps(stub, prompt: list[int], n: int, gaps: list[float], errors: lis
         errors.append(e)
 
 
+@pytest.mark.slow   # about 30-50 s: make test stays under 15 minutes on 2 cores
 def test_huge_prompt_does_not_stall_other_streams_or_health(big_message_server):
     server = big_message_server
     stub = server.stub()

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ("from sarathi_common.model_spec import resolve; "
            "from worker_service.models.loader import hf_folder_for; "
            "print('folder', hf_folder_for(resolve(None)))")
 
 
+@pytest.mark.slow   # about 30-50 s: make test stays under 15 minutes on 2 cores
 def test_processes_starting_together_convert_the_gguf_once(tmp_path):
     env = dict(os.environ, SARATHI_CACHE_DIR=str(tmp_path))
     procs = [subprocess.Popen([sys.executable, "-c", CONVERT], cwd=ROOT, env=env, text=True,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import start_server, wait_for
 
 from scheduler_service.ipc_dir import make_ipc_dir, sweep_stale
@@ -34,6 +35,7 @@ def test_a_start_sweeps_folders_whose_scheduler_is_gone(tmp_path, monkeypatch):
     assert sweep_stale(str(tmp_path)) == []
 
 
+@pytest.mark.slow   # about 30-50 s: make test stays under 15 minutes on 2 cores
 def test_no_socket_folder_remains_after_a_clean_stop_or_a_kill(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     server = start_server("--chunk-size", "64")

@@ -54,6 +54,7 @@ def test_dummy_llama_replica_tokens_equal_one_worker(tp, pp, tiny_prompts, tiny_
         assert tokens == expected, f"prompt of {length} tokens diverged"
 
 
+@pytest.mark.slow   # about 30-50 s: make test stays under 15 minutes on 2 cores
 def test_smollm2_tp3_tokens_equal_tp1(long_token_ids):
     # SmolLM2: 9 heads and 3 KV heads, so TP=3 gives each rank 3 q heads and 1 KV head, and
     # its tied embedding / LM head split over the vocabulary.
