@@ -359,21 +359,19 @@ def serve_worker(executor: Executor[Any], config: WorkerConfig, weight_bytes: in
     server.start()
     print(f"{name}: listening on {config.host}:{config.port}"
           f"{' (mutual TLS)' if tls else ''}", flush=True)
-    announcer = threading.Thread(target=announce, args=(config, tls, service.draining, name),
-                                 daemon=True, name="worker-join")
     if config.scheduler:
-        announcer.start()
+        threading.Thread(target=announce, args=(config, tls, service.draining, name), daemon=True,
+                         name="worker-join").start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     drain_and_stop(service, config.drain_seconds, name)
     executor.stop()
-    server.stop(0).wait(5)
-    if announcer.is_alive():
-        announcer.join(6)   # a Join call in flight ends within its 5 s deadline
-    # Interpreter teardown with gRPC's C++ threads still alive can abort ("terminate called
-    # without an active exception", exit -6, seen in CI): everything is done, so end here.
+    server.stop(0)
+    # Interpreter teardown with gRPC's C++ threads still alive (the announcer's Join, the
+    # server's) can abort ("terminate called without an active exception", exit -6, seen in
+    # CI): everything is done, so end here without waiting for them.
     sys.stdout.flush()
     sys.stderr.flush()
     exit_now(0)
