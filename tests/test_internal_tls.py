@@ -225,17 +225,23 @@ def test_hanging_unary_calls_do_not_exhaust_the_worker(plain_worker):
             ch.close()
 
 
+def assert_turned_away(stranger: worker_pb2_grpc.WorkerStub) -> None:
+    """A caller other than the attached scheduler: InitCache and Step both refused, saying why."""
+    for call in (lambda: stranger.InitCache(wpb.InitCacheRequest(num_blocks=1, block_size=BLOCK_SIZE),
+                                            timeout=30),
+                 lambda: list(stranger.Step(iter([plan()]), timeout=30))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "serves another scheduler" in err.value.details()
+
+
 def test_a_second_client_cannot_init_cache_or_open_step_on_an_attached_plaintext_worker(plain_worker):
     with grpc.insecure_channel(plain_worker, options=[OWN_CONNECTION]) as mine, \
             grpc.insecure_channel(plain_worker, options=[OWN_CONNECTION]) as theirs:
         stub, stranger = worker_pb2_grpc.WorkerStub(mine), worker_pb2_grpc.WorkerStub(theirs)
         stub.InitCache(wpb.InitCacheRequest(num_blocks=64, block_size=BLOCK_SIZE), timeout=30)
-        for call in (lambda: stranger.InitCache(wpb.InitCacheRequest(num_blocks=1, block_size=BLOCK_SIZE),
-                                                timeout=30),
-                     lambda: list(stranger.Step(iter([plan()]), timeout=30))):
-            with pytest.raises(grpc.RpcError) as err:
-                call()
-            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert_turned_away(stranger)
         # The attached client's cache is the one it asked for: a plan using its last block runs.
         (result,) = stub.Step(iter([plan(new_sequences=new_seq(block_table=[63]))]), timeout=30)
         assert list(result.seq_ids) == [7]
@@ -334,13 +340,7 @@ def test_a_second_client_cannot_init_cache_or_open_step_while_the_scheduler_stre
         # Another holder of a deployment certificate (the router's) is not the attached scheduler.
         with secure_channel(cluster.worker_address, certs, "router") as channel:
             stranger = worker_pb2_grpc.WorkerStub(channel)
-            for call in (lambda: stranger.InitCache(wpb.InitCacheRequest(num_blocks=1, block_size=BLOCK_SIZE),
-                                                    timeout=30),
-                         lambda: list(stranger.Step(iter([plan()]), timeout=30))):
-                with pytest.raises(grpc.RpcError) as err:
-                    call()
-                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
-                assert "serves another scheduler" in err.value.details()
+            assert_turned_away(stranger)
         assert tokens.result(timeout=300) == hf_greedy(hf_model, prompt, 48)
 
 
