@@ -1,5 +1,5 @@
 """`sarathi serve` starts its worker with the scheduler's budget in mind: hybrid-iteration CUDA
-graphs up to the chunk size (at most 512, the size measured on an H100), or what the user said.
+graphs up to the chunk size (at most 2048), or what the user said.
 A replica's rank 0 started without a layout starts its other ranks on this host."""
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def test_hybrid_graphs_never_exceed_the_chunk_size():
     assert flag_values(command_for("--chunk-size", "256"), "--hybrid-graph-tokens") == ["256"]
 
 
-def test_hybrid_graphs_stay_at_512_for_larger_budgets():
-    assert flag_values(command_for("--chunk-size", "2048"), "--hybrid-graph-tokens") == ["512"]
+def test_hybrid_graphs_follow_the_budget_up_to_2048_tokens():
+    assert flag_values(command_for("--chunk-size", "2048"), "--hybrid-graph-tokens") == ["2048"]
+    assert flag_values(command_for("--chunk-size", "8192"), "--hybrid-graph-tokens") == ["2048"]
 
 
 def test_an_explicit_hybrid_graph_size_is_passed_once_as_given():

@@ -114,10 +114,13 @@ class DecodeGraphs:
 
 
 def hybrid_buckets(max_tokens: int) -> tuple[int, ...]:
-    """Token counts to capture hybrid graphs for: every 64 up to 512, then every 256 (a step
-    is padded to the next one, so padding stays under a third)."""
-    sizes = [t for t in range(64, 513, 64)] + list(range(768, max(max_tokens, 512) + 256, 256))
-    return tuple(t for t in sizes if t <= max(max_tokens, 64)) or (64,)
+    """Token counts to capture hybrid graphs for: every 64 up to 1024, then every 128. A step
+    is padded to the next one, and padding rows cost their full share of every matmul (at most
+    12%; with steps of 256 above 512, a 576-token step ran as 768, 15% slower than eager on
+    an H200)."""
+    top = max(max_tokens, 64)
+    sizes = list(range(64, 1025, 64)) + list(range(1152, top + 128, 128))
+    return tuple(t for t in sizes if t <= top) or (64,)
 
 
 class HybridGraphs:

@@ -392,17 +392,21 @@ class ModelRunner:
         query_start = [0]
         context_lens: list[int] = []
         tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[int] = []
         on_device: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
-        offset = 0
-        for i, seq_id in enumerate(plan.seq_ids):
+        offsets = [0]
+        for count in plan.new_block_counts:
+            offsets.append(offsets[-1] + count)
+        # Rows of one-token sequences (decodes) first: attention then runs them as one
+        # contiguous decode batch beside the prefill chunks. Sampled rows stay in plan order.
+        counts = plan.num_scheduled_tokens
+        order = [i for i, n in enumerate(counts) if n == 1] + [i for i, n in enumerate(counts) if n != 1]
+        sampled: list[tuple[int, int, int]] = []   # (plan index, row, seq_id)
+        for i in order:
+            seq_id = plan.seq_ids[i]
             state = self.seqs.get(seq_id)
             if state is None:
                 raise PlanError(f"step {plan.step_id}: unknown sequence {seq_id}")
-            count = plan.new_block_counts[i]
-            state.block_table.extend(plan.new_block_ids[offset:offset + count])
-            offset += count
+            state.block_table.extend(plan.new_block_ids[offsets[i]:offsets[i + 1]])
             start, n = plan.num_computed_tokens[i], plan.num_scheduled_tokens[i]
             if start != state.num_computed_tokens:
                 raise PlanError(f"step {plan.step_id}: sequence {seq_id} has "
@@ -432,8 +436,10 @@ class ModelRunner:
             tables.append(state.block_table)
             state.num_computed_tokens = end
             if end == len(state.token_ids):
-                sample_rows.append(query_start[-1] - 1)
-                sample_seqs.append(seq_id)
+                sampled.append((i, query_start[-1] - 1, seq_id))
+        sampled.sort()
+        sample_rows = [row for _, row, _ in sampled]
+        sample_seqs = [seq_id for _, _, seq_id in sampled]
         return HostBatch(input_ids, positions, slots, query_start, context_lens, tables,
                          sample_rows, sample_seqs, list(on_device.values()))
 

@@ -132,6 +132,21 @@ class Driver:
             pending = [sid for sid in pending if self.seqs[sid]["computed"] < self.seqs[sid]["prompt"]]
         return [sid for sid in self.seqs]
 
+    def cached(self, prompt_lens: list[int]) -> list[int]:
+        """Sequences whose prompts but the last token are already in the cache, as a prefix
+        hit registers them (the KV holds whatever the blocks held: timing does not care), so
+        long contexts cost no prefill. Their first step is a decode."""
+        sids, new = [], []
+        for n in prompt_lens:
+            sid, ns = self.add(n)
+            ns.num_computed_tokens = n - 1
+            ns.block_table = self._blocks_for(sid, n - 1)
+            self.seqs[sid]["computed"] = n - 1
+            sids.append(sid)
+            new.append(ns)
+        self.execute(self.plan(new, [(sid, 1) for sid in sids]))
+        return sids
+
     def decode_step(self, sids: list[int], extra: list[tuple[int, int]] = (),
                     new: list[NewSequence] = ()) -> float:
         return self.execute(self.plan(list(new), [(sid, 1) for sid in sids] + list(extra)))
@@ -214,18 +229,102 @@ def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def bench_hybrid(driver: Driver, decodes: int, chunk: int, repeats: int) -> float:
-    sids = driver.prefill([CONTEXT] * decodes)
-    driver.decode_step(sids)
+# The hybrid iterations of the issue's acceptance: (chunk tokens, decodes, the decodes' context).
+HYBRID_SHAPES = ((512, 64, 1024), (2048, 64, 1024), (2048, 128, 4096))
+# Small chunks, where launches rather than kernels may bound an iteration: graphs or not.
+SMALL_HYBRID_SHAPES = ((64, 16, 1024), (128, 32, 1024), (256, 32, 1024))
+
+
+def hybrid_flops(config, chunk: int, decodes: int, context: int) -> float:
+    """A fresh prompt's first chunk (causal over itself) plus decodes at `context`: projections
+    of every token, attention of both, and the LM head of the rows that sample (the decodes)."""
+    head = 2 * config.hidden_size * config.vocab_size * decodes
+    return 2 * matmul_params(config) * (chunk + decodes) + hybrid_attention_flops(config, chunk, decodes,
+                                                                                 context) + head
+
+
+def hybrid_attention_flops(config, chunk: int, decodes: int, context: int) -> float:
+    c = config
+    return 4 * c.num_layers * c.num_heads * c.head_dim * (chunk * (chunk + 1) / 2 + decodes * context)
+
+
+def hybrid_floor(config, chunk: int, decodes: int, context: int, matmul_rate: float,
+                 copy_bw: float) -> float:
+    """What kernel-by-kernel execution cannot beat: the FLOPs at the matmul rate, then the KV the
+    decodes read at the copy bandwidth (weights are read once, under the matmuls)."""
+    return hybrid_flops(config, chunk, decodes, context) / matmul_rate \
+        + kv_bytes(config, decodes * context) / copy_bw
+
+
+@dataclass
+class HybridTimes:
+    served: float   # steady state: iteration i+1 launched before iteration i's tokens are read
+    alone: float    # one iteration by itself: prepare, plan, launch, wait for its tokens
+
+
+def bench_hybrid(driver: Driver, decodes: int, chunk: int, repeats: int,
+                 context: int = CONTEXT) -> HybridTimes:
+    """Decodes at `context` plus the first chunk of a fresh, longer prompt (so the chunk samples
+    nothing), each iteration with a new prompt; alone, then as the worker serves."""
+    sids = driver.cached([context] * decodes)
     times = []
     for _ in range(repeats + 1):
-        sid, ns = driver.add(chunk + 64)  # a longer prompt: this chunk is its first, no sample
+        sid, ns = driver.add(chunk + 64)
         times.append(driver.decode_step(sids, extra=[(sid, chunk)], new=[ns]))
         driver.runner.execute(BatchPlan(driver.step, dropped_seq_ids=[sid]))
         driver.step += 1
         del driver.seqs[sid]
+    runner = driver.runner
+    steps = 2 * repeats
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    previous, dropped = None, []
+    for _ in range(steps):
+        sid, ns = driver.add(chunk + 64)
+        plan = driver.plan([ns], [(s, 1) for s in sids] + [(sid, chunk)], dropped=dropped)
+        del driver.seqs[sid]   # dropped by the next plan, while this one may still run
+        dropped = [sid]
+        step = runner.launch(plan)
+        if previous is not None:
+            runner.finish(previous)
+        previous = step
+    runner.finish(previous)
+    served = (time.perf_counter() - t) / steps
+    runner.execute(driver.plan([], [], dropped=dropped))
     driver.drop_all()
-    return statistics.median(times[1:])
+    return HybridTimes(served, statistics.median(times[1:]))
+
+
+def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: float,
+                rows: list, results: dict) -> None:
+    """Each acceptance shape as served (piecewise graphs where the runner has them, decodes
+    through the decode kernels), then the variants that show what each of those buys."""
+    backend = runner.backend
+    graphs = runner.hybrid_graphs
+    flashinfer = hasattr(backend, "hybrid_decode_kernels")
+    variants = [("", graphs, True, None)]
+    if graphs is not None:
+        variants.append((", eager", None, True, None))
+    if flashinfer:
+        variants.append((", eager, decodes through our split-KV kernel", None, True, 1 << 20))
+        variants.append((", one prefill launch for all", graphs, False, None))
+    small = [(shape, variants[:2]) for shape in SMALL_HYBRID_SHAPES]
+    for (chunk, decodes, context), shape_variants in [(s, variants) for s in HYBRID_SHAPES] + small:
+        floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
+        for label, hybrid, split, split_max in shape_variants:
+            runner.hybrid_graphs = hybrid
+            if flashinfer:
+                backend.hybrid_decode_kernels = split
+                backend.hybrid_split_max = split_max
+            times = bench_hybrid(driver, decodes, chunk, 5, context)
+            rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){label}",
+                         f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})",
+                         f"{floor * 1e3:.2f} ms", f"{times.served / floor:.2f}x floor"))
+            key = f"hybrid_{chunk}_{decodes}_{context}{label.replace(', ', '_').replace(' ', '_')}"
+            results[key] = vars(times)
+    runner.hybrid_graphs = graphs
+    if flashinfer:
+        backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
 
 
 def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:
@@ -261,10 +360,13 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--hybrid-graph-tokens", type=int, default=0,
+    ap.add_argument("--hybrid-graph-tokens", type=int, default=2048,
                     help="iterations with prefill chunks up to this many tokens as piecewise graphs")
-    ap.add_argument("--kv-gb", type=float, default=24.0)
+    ap.add_argument("--kv-gb", type=float, default=72.0)
     add_split_decode_arg(ap)
+    ap.add_argument("--hybrid-only", action="store_true", help="only the ceilings and hybrid rows")
+    ap.add_argument("--profile-hybrid", action="store_true",
+                    help="also profile each hybrid shape's kernels (benchmarks/step/hybrid_profile.py)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rows: list[tuple[str, str, str, str]] = []
@@ -304,12 +406,12 @@ def main() -> None:
         return times
 
     decode = {}
-    for b in DECODE_BATCHES:
+    for b in () if args.hybrid_only else DECODE_BATCHES:
         times = decode_row(f"decode step, batch {b}, context {CONTEXT}", b)
         decode[b] = times.served
         results[f"decode_{b}"] = vars(times)
     results["decode_s"] = decode
-    if runner.graphs is not None:  # the same steps without graphs, to show what graphs buy
+    if runner.graphs is not None and not args.hybrid_only:  # what graphs buy
         graphs, runner.graphs = runner.graphs, None
         for b in (1, 64):
             times = bench_decode(driver, b, args.steps)
@@ -318,7 +420,7 @@ def main() -> None:
             results[f"decode_eager_{b}"] = vars(times)
         runner.graphs = graphs
     split = getattr(model.backend, "split_decode_max_batch", 0)
-    if runner.graphs is not None and split:
+    if runner.graphs is not None and split and not args.hybrid_only:
         # The same steps with FlashInfer's own decode kernels, to show what split-KV buys.
         model.backend.split_decode_max_batch = 0
         runner.graphs.capture()
@@ -328,20 +430,23 @@ def main() -> None:
         model.backend.split_decode_max_batch = split
         runner.graphs.capture()
 
-    for n in (512, 2048, 8192):
+    for n in () if args.hybrid_only else (512, 2048, 8192):
         s = bench_prefill(driver, n, 3)
         flops = prefill_flops(config, n)
         rows.append((f"prefill, one {n}-token prompt", f"{s * 1e3:.1f} ms",
                      f"{flops / mm * 1e3:.1f} ms", f"MFU {flops / s / mm * 100:.0f}%"))
         results[f"prefill_{n}_s"] = s
 
-    s = bench_hybrid(driver, 64, 512, 5)
-    floor = max((weights + kv_bytes(config, 64 * CONTEXT)) / bw, prefill_flops(config, 512) / mm)
-    rows.append(("hybrid: 512-token chunk + 64 decodes (ctx 1024)", f"{s * 1e3:.2f} ms",
-                 f"{floor * 1e3:.2f} ms", f"{s / floor:.2f}x floor"))
-    results["hybrid_s"] = s
+    hybrid_rows(driver, runner, config, mm, bw, rows, results)
+    profiles = []
+    if args.profile_hybrid:
+        from benchmarks.step.hybrid_profile import profile_hybrid
 
-    if not args.no_hf:
+        for shape in HYBRID_SHAPES:
+            profiles.append(profile_hybrid(driver, config, *shape, mm, bw))
+            print(profiles[-1], flush=True)
+
+    if not args.no_hf and not args.hybrid_only:
         import gc
 
         # Ours at HF's own context (its prompt plus half its new tokens), for a like-for-like ratio.
@@ -372,7 +477,7 @@ def main() -> None:
               f"on {results['device']}")
     table = [header, "", "| measurement | time | floor | ratio |", "| --- | --- | --- | --- |"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    text = "\n".join(table)
+    text = "\n".join(table + [""] + profiles)
     print(text, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,19 @@ def test_piecewise_hybrid_graphs_match_torch_reference(torch_bf16, backend):
     compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
 
 
+@pytest.mark.parametrize("split_max", [0, 16])
+@pytest.mark.parametrize("hybrid_tokens", [0, 128])
+def test_hybrid_decodes_through_the_decode_kernels_match_torch_reference(torch_bf16, split_max,
+                                                                         hybrid_tokens):
+    """Hybrid iterations run their decodes apart from their chunks: through FlashInfer's decode
+    wrapper (split_max 0) or our split-KV kernel (16), eagerly and between hybrid graph pieces."""
+    pytest.importorskip("flashinfer")
+    runner = make_runner("flashinfer", torch.bfloat16, True, hybrid_tokens=hybrid_tokens)
+    runner.backend.split_decode_max_batch = split_max
+    runner.graphs = None   # decode-only steps eager too, so the decode wrapper plans for both
+    compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
+
+
 def test_graphs_match_eager_flashinfer():
     pytest.importorskip("flashinfer")
     eager = drive(make_runner("flashinfer", torch.bfloat16, False), prompts(), NEW_TOKENS)
