@@ -50,6 +50,10 @@ class RouterConfig(ApiAccessOptions, InternalTLSOptions):
     balance_rel: float = option(1.5, "see --balance-abs-tokens (default: 1.5)", group=_ROUTING)
     max_message_mb: float = option(4.0, "largest request a client may send, in MiB (default: 4)",
                                    group=_ROUTING)
+    internal_peer_name: str | None = option(
+        None, "under internal TLS, the DNS name every scheduler's certificate carries, checked instead "
+              "of the host dialled (--scheduler-dns resolves to IPs; deploy/dev-certs.sh puts "
+              "sarathi-scheduler in theirs; default: the host dialled)", group="security")
     drain_seconds: float = option(
         30.0, "on SIGTERM: stop taking requests (health NOT_SERVING, new calls UNAVAILABLE), let "
               "those in flight finish for up to this long, then exit 0 (default: 30)")

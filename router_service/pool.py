@@ -41,6 +41,7 @@ class Member:
     requests: int = 0
     placed: int = 0
     health_task: asyncio.Task | None = None
+    tickets: set[Ticket] = field(default_factory=set)   # its requests in flight
 
     def load(self) -> Load:
         return Load(work=self.work, requests=self.requests, placed=self.placed)
@@ -56,6 +57,10 @@ class Ticket:
         member.work += prompt_tokens + max_tokens
         member.requests += 1
         member.placed += 1
+        member.tickets.add(self)
+        # Called when the member stops answering (a stopped or cut-off host): its streams would
+        # otherwise wait for their deadline. The router cancels the call and retries or fails it.
+        self.on_lost: Callable[[], None] = lambda: None
 
     def token(self) -> None:
         m = self.member
@@ -71,6 +76,7 @@ class Ticket:
         m.work -= self.prompt + self.remaining
         self.prompt = self.remaining = 0
         m.requests -= 1
+        m.tickets.discard(self)
         self.pool._released(m)
 
 
@@ -181,6 +187,13 @@ class Pool:
                 log.info("scheduler %s %s (%s)", member.address,
                          "in rotation" if serving else "out of rotation", why)
                 self._set_serving(member, serving)
+            if timeouts >= 2 and member.tickets:
+                # Not answering at all (NOT_SERVING is a drain: its streams go on). Its streams
+                # would hang until their deadlines; a refused one fails them by itself.
+                log.warning("scheduler %s stopped answering: giving up its %d streams",
+                            member.address, len(member.tickets))
+                for ticket in list(member.tickets):
+                    ticket.on_lost()
             await asyncio.sleep(self.health_interval)
 
     def _set_serving(self, member: Member, serving: bool) -> None:

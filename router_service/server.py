@@ -123,6 +123,8 @@ class Router:
                 ticket = self.pool.acquire(member, r.prompt_tokens, r.max_tokens)
                 call = member.channel.unary_stream(GENERATE)(
                     request, metadata=metadata, timeout=context.time_remaining())
+                lost = []   # non-empty once the pool gave up on the member (it stopped answering)
+                ticket.on_lost = lambda call=call, lost=lost: (lost.append(True), call.cancel())
                 sent = 0
                 try:
                     async for message in call:
@@ -133,17 +135,21 @@ class Router:
                         yield message
                     outcome = "ok"
                     return
-                except grpc.aio.AioRpcError as e:
-                    code = e.code()
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                    if isinstance(e, asyncio.CancelledError) and not lost:
+                        raise   # the caller went away
+                    code = e.code() if isinstance(e, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                    details = (e.details() if isinstance(e, grpc.aio.AioRpcError) else None) or (
+                        "its scheduler stopped answering" if lost else code.name)
                     if code == grpc.StatusCode.UNAVAILABLE:
-                        self.pool.suspect(member, e.details() or "unavailable")
+                        self.pool.suspect(member, details)
                         if not sent and len(tried) == 1:   # nothing streamed yet: once elsewhere
                             self.metrics.retries.inc()
                             log.info("retrying a request on another scheduler: %s failed before its "
-                                     "first token (%s)", member.address, e.details())
+                                     "first token (%s)", member.address, details)
                             continue
                     outcome = "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "error"
-                    await context.abort(code, e.details() or code.name)
+                    await context.abort(code, details + (": retry" if lost else ""))
                 finally:
                     ticket.release()
                     call.cancel()   # the client went away or we aborted: free the scheduler's slot
@@ -193,6 +199,7 @@ def _channel_factory(config: RouterConfig, internal: InternalTLS | None):
     if internal is None:
         return lambda address: grpc.aio.insecure_channel(address, options=options)
     credentials = internal.channel_credentials()
+    options += internal.channel_options(config.internal_peer_name)
     return lambda address: grpc.aio.secure_channel(address, credentials, options=options)
 
 

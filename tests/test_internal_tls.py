@@ -377,3 +377,74 @@ def test_no_key_or_token_appears_in_any_log(cluster, certs):
         assert "joined" in text or "listening" in text, text[-2000:]   # the log is the real one
         leaked = [s[:8] for s in secrets if s in text]
         assert not leaked, f"{process.log.name} holds secret material"
+
+
+# --- router -> scheduler API, mutual TLS ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_api_serve(certs, tmp_path_factory) -> Iterator[str]:
+    """`serve` whose API takes only callers with a certificate of the deployment's CA."""
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    port = free_port()
+    proc = spawn(log, "serve", "--port", str(port), "--threads", "1", "--cpu-cache-gib", "0.25",
+                 "--chunk-size", "64", "--tls-cert-file", str(certs / "scheduler.pem"),
+                 "--tls-key-file", str(certs / "scheduler.key"),
+                 "--tls-client-ca-file", str(certs / "ca.pem"))
+    address = f"127.0.0.1:{port}"
+    try:
+        with secure_channel(address, certs, "router", peer="sarathi-scheduler") as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    collect(stub.Generate(greedy_request([1, 2, 3], 1), timeout=10))
+                    break
+                except grpc.RpcError:
+                    assert proc.proc.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "serve did not answer in time"
+                    time.sleep(1)
+        yield address
+    finally:
+        proc.stop()
+
+
+def start_router(log: Path, scheduler: str, *args: str) -> tuple[Process, str]:
+    port = free_port()
+    return spawn(log, "router", "--port", str(port), "--scheduler", scheduler, *args), f"127.0.0.1:{port}"
+
+
+def plain_generate(address: str, prompt: list[int], max_tokens: int, timeout: float = 120) -> list[int]:
+    with grpc.insecure_channel(address) as channel:
+        tokens, _, _ = collect(generation_pb2_grpc.GenerationStub(channel).Generate(
+            greedy_request(prompt, max_tokens), timeout=timeout))
+    return tokens
+
+
+@pytest.mark.slow
+def test_a_router_reaches_schedulers_over_mutual_tls_checking_their_role_name(tls_api_serve, certs, tmp_path):
+    router, address = start_router(tmp_path / "router.log", tls_api_serve, "--internal-peer-name",
+                                   "sarathi-scheduler", *tls_flags(certs, "router"))
+    try:
+        wait_serving(address, 60, router.proc)
+        with secure_channel(tls_api_serve, certs, "router", peer="sarathi-scheduler") as channel:
+            direct, _, _ = collect(generation_pb2_grpc.GenerationStub(channel).Generate(
+                greedy_request([5, 6, 7, 8], 6), timeout=120))
+        assert plain_generate(address, [5, 6, 7, 8], 6) == direct
+    finally:
+        router.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("why", ["wrong role name", "no certificate"])
+def test_a_router_that_cannot_authenticate_the_scheduler_or_itself_puts_nothing_in_rotation(
+        tls_api_serve, certs, tmp_path, why):
+    wrong_name = ("--internal-peer-name", "sarathi-worker", *tls_flags(certs, "router"))
+    args = wrong_name if why == "wrong role name" else ()
+    router, address = start_router(tmp_path / "router.log", tls_api_serve, *args)
+    try:
+        time.sleep(5)   # a few health checks
+        assert router.proc.poll() is None
+        with pytest.raises(grpc.RpcError) as err:
+            plain_generate(address, [5, 6, 7, 8], 2, timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        router.stop()

@@ -1,7 +1,8 @@
 """The router in front of real schedulers (each a `sarathi serve` process: scheduler + worker on
 the embedded SmolLM2), over real gRPC: exact tokens, least outstanding work against a slow
 scheduler, prefix affinity with the schedulers' prefix-cache hit rate, schedulers taken out when
-they die or stop, a request retried before its first token, SIGTERM draining the router, and
+they die or stop, a request retried before its first token (also when its scheduler is stopped
+and only health checks notice), SIGTERM draining the router, and
 schedulers joining by announcing themselves.
 
 Each response names its scheduler in the `x-sarathi-scheduler` initial metadata; where a
@@ -276,6 +277,40 @@ def test_a_request_whose_scheduler_dies_before_the_first_token_is_retried_on_ano
     assert [t for t, _, _ in results] == direct
     assert {s for _, s, _ in results} == {schedulers[0].address}
     assert router.metrics()["sarathi_router_retries_total"] >= 1
+
+
+def test_requests_on_a_stopped_scheduler_are_retried_on_another_long_before_their_deadline(
+        schedulers, victim, router_factory):
+    """SIGSTOP: the scheduler's port still accepts connections but nothing answers. Once health
+    checks time out, the router gives up its streams: those without a token go elsewhere."""
+    router = router_factory(*members(schedulers[0], victim), wait_members=2)
+    requests = [greedy_request([700 + 11 * i + j for j in range(16)], 8) for i in range(6)]
+    os.killpg(victim.proc.pid, signal.SIGSTOP)   # scheduler and worker
+    start = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda r: generate(router.address, r, timeout=120), requests))
+    elapsed = time.monotonic() - start
+    direct = [generate(schedulers[0].address, r)[0] for r in requests]
+    assert [t for t, _, _ in results] == direct
+    assert {s for _, s, _ in results} == {schedulers[0].address}
+    assert router.metrics()["sarathi_router_retries_total"] >= 1
+    assert elapsed < 60, f"{elapsed:.0f} s: the requests waited for their deadline"
+
+
+def test_a_stream_whose_scheduler_stops_mid_flight_ends_unavailable_within_seconds(victim, router_factory):
+    router = router_factory(*members(victim), wait_members=1)
+    with grpc.insecure_channel(router.address) as channel:
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(
+            greedy_request(list(range(300, 316)), 400), timeout=120)
+        messages = iter(call)
+        next(messages)
+        os.killpg(victim.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in messages:
+                pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in err.value.details()
+    assert time.monotonic() - stopped < 20
 
 
 def test_sigterm_drains_the_router_streams_finish_new_calls_are_unavailable_and_it_exits_0(
