@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from sarathi.client import Client, wait_serving
@@ -36,10 +38,24 @@ def worker_command(worker: WorkerConfig) -> list[str]:
 
 def gateway_command(scheduler: SchedulerConfig, http_port: int) -> list[str]:
     """The gateway `serve --http-port` starts: on the scheduler's host, calling it on loopback
-    when it listens on every address. Its API key comes from the environment, never a flag."""
+    when it listens on every address, or through the scheduler's local socket when it has one
+    (an API on TLS: the gateway then needs neither the CA nor a client certificate). Its API
+    key comes from the environment, never a flag."""
     upstream_host = "127.0.0.1" if scheduler.host in ("0.0.0.0", "", "::", "[::]") else scheduler.host
-    return [sys.executable, "-m", "sarathi.gateway", "--upstream", f"{upstream_host}:{scheduler.port}",
+    upstream = f"unix:{scheduler.local_socket}" if scheduler.local_socket \
+        else f"{upstream_host}:{scheduler.port}"
+    return [sys.executable, "-m", "sarathi.gateway", "--upstream", upstream,
             "--host", scheduler.host, "--port", str(http_port)]
+
+
+def with_gateway_socket(scheduler: SchedulerConfig,
+                        http_port: int | None) -> tuple[SchedulerConfig, str | None]:
+    """A scheduler whose API is on TLS gets a local socket for `serve`'s gateway, in a fresh
+    folder only this user can open; -> (the scheduler's config, the folder to remove at exit)."""
+    if http_port is None or not scheduler.tls_cert_file or scheduler.local_socket:
+        return scheduler, None
+    folder = tempfile.mkdtemp(prefix="sarathi-gateway-")
+    return dataclasses.replace(scheduler, local_socket=os.path.join(folder, "api.sock")), folder
 
 
 def child_environment() -> dict[str, str]:
@@ -76,6 +92,7 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int |
         if port not in (*ports, scheduler.port):
             ports.append(port)
     workers = [dataclasses.replace(worker, port=port) for port in ports]
+    scheduler, socket_folder = with_gateway_socket(scheduler, http_port)
     # One process per replica; a replica's rank 0 starts its other ranks (they die with it).
     children = [subprocess.Popen(worker_command(w), env=env, preexec_fn=dies_with_this_process())
                 for w, env in zip(workers, replica_environments(worker, replicas), strict=True)]
@@ -98,6 +115,8 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int |
         run_scheduler(dataclasses.replace(scheduler, worker=",".join(f"{w.host}:{w.port}" for w in workers)))
     finally:
         stop_children()
+        if socket_folder:
+            shutil.rmtree(socket_folder, ignore_errors=True)
 
 
 def run_demo(prompt: str, max_tokens: int, model: str | None) -> None:

@@ -76,6 +76,11 @@ class SchedulerConfig(ApiAccessOptions, InternalTLSOptions):
     advertise: str | None = option(
         None, "host:port where the router reaches this scheduler's API (default: --host:--port, the "
               "host name when listening on every address)", group=_ROUTER)
+    local_socket: str | None = option(
+        None, "also serve the API on this Unix socket, without TLS, for a client on this host (a "
+              "gateway): put it in a folder only this user can open, since file permissions are its "
+              "guard; the bearer token is still checked. `serve --http-port` uses one for its gateway "
+              "when the API is on TLS", group=_SECURITY)
     internal_port: int | None = option(
         None, "serve Membership (workers join here) on this port instead of the API port, with "
               "mutual TLS when internal TLS is set; with internal TLS and no internal port, workers "

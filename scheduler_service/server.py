@@ -411,6 +411,8 @@ async def serve_frontend(config: SchedulerConfig, tokenizer, model_name: str) ->
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     listen(server, host, port, "sarathi", credentials)
+    if config.local_socket:
+        server.add_insecure_port(f"unix:{config.local_socket}")
     if internal is not None:
         listen(internal, host, config.internal_port, "sarathi (internal port)",
                internal_tls.server_credentials() if internal_tls else None)

@@ -4,17 +4,20 @@ One real server with both."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ROOT, collect, greedy_request, make_dev_certs
+from conftest import ROOT, collect, greedy_request, make_dev_certs, wait_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2_grpc
@@ -36,11 +39,16 @@ def credentials(certs: Path, client: Path | None = None) -> grpc.ChannelCredenti
                                         (client / "client.pem").read_bytes())
 
 
+HTTP_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def secure_server(certs) -> Iterator[str]:
+    """`serve` with TLS, client certificates and a token, and its HTTP gateway (HTTP_PORT)."""
     (certs / "token").write_text(TOKEN + "\n")
     port = free_port()
     cmd = [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port), "--threads", "2",
+           "--http-port", str(HTTP_PORT),
            "--cpu-cache-gib", "0.25", "--chunk-size", "64", "--token-file", str(certs / "token"),
            "--tls-cert-file", str(certs / "server.pem"), "--tls-key-file", str(certs / "server.key"),
            "--tls-client-ca-file", str(certs / "ca.pem")]
@@ -116,9 +124,13 @@ def test_plaintext_and_foreign_certificates_cannot_connect(secure_server, certs)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def client_tls(certs: Path) -> TLS:
+    return TLS(ca_file=str(certs / "ca.pem"), cert_file=str(certs / "client.pem"),
+               key_file=str(certs / "client.key"))
+
+
 def test_the_python_client_sends_its_token(secure_server, certs):
-    tls = TLS(ca_file=str(certs / "ca.pem"), cert_file=str(certs / "client.pem"),
-              key_file=str(certs / "client.key"))
+    tls = client_tls(certs)
     with Client(secure_server, token=TOKEN, tls=tls, timeout=30) as client:
         assert client.complete(prompt=[100, 200], max_tokens=2, temperature=0, ignore_eos=True).usage \
             .completion_tokens == 2
@@ -142,6 +154,33 @@ def test_every_kind_of_call_but_health_needs_the_token(secure_server, certs):
         info = generation_pb2_grpc.GenerationStub(channel).ModelInfo(
             pb.ModelInfoRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
         assert info.vocab_size > 0
+
+
+def http_completion(token: str | None) -> tuple[int, dict]:
+    body = json.dumps({"model": "any", "prompt": "The capital of France is", "max_tokens": 4,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}/v1/completions", body, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_serve_s_gateway_reaches_an_api_on_tls_and_forwards_the_token(secure_server, certs):
+    """The gateway `serve --http-port` starts calls the scheduler through its local socket (no CA
+    or client certificate needed); the caller's token still decides."""
+    wait_http(f"http://127.0.0.1:{HTTP_PORT}/health", 60)
+    status, body = http_completion(TOKEN)
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    with Client(secure_server, token=TOKEN, tls=client_tls(certs), timeout=30) as client:
+        want = client.complete("The capital of France is", max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert body["choices"][0]["text"] == want.text
+    assert http_completion("wrong")[0] == 401
+    assert http_completion(None)[0] == 401
 
 
 def test_the_token_comes_from_the_file_or_the_environment(tmp_path, monkeypatch):
