@@ -12,6 +12,6 @@ set -euo pipefail
 python3 -m pip download -q --no-deps --only-binary=:all: --dest .whl \
     --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    rich markdown-it-py mdurl pygments prometheus-client \
+    rich markdown-it-py mdurl pygments prometheus-client msgspec pyyaml \
     "grpcio-health-checking==1.84.0" "grpcio-reflection==1.84.0" "grpcio-tools==1.84.0"
 ls .whl

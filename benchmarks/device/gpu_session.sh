@@ -11,6 +11,9 @@
 #   replica           python -m benchmarks.replica.replica_bench (several GPUs; REPLICA_ARGS)
 #   capacity-strict, capacity-relaxed
 #                     sarathi capacity of each policy under the strict or relaxed SLO
+#   peer              python -m benchmarks.peer: vLLM 0.25 (AsyncLLM in-process, from $VLLM_SITE,
+#                     default /tmp/vllm: unpack it there first with ../shared/device/vllm/carry's
+#                     three calls) against our server, one table; see benchmarks/README.md
 #   smollm2           (alone) joins the real SmolLM2 weights' halves into ~/smol, see below
 # First it installs the wheels in .whl/ (git-ignored; fill it on a machine with PyPI with
 # benchmarks/device/fetch_device_wheels.sh) into /tmp/site, once per host while .whl/ is
@@ -24,7 +27,11 @@
 # dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES,
 # CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals
 # per probe, default 15: shorter probes at high rates are bursts, not a steady state),
-# CAPACITY_ARGS (extra capacity arguments).
+# CAPACITY_ARGS (extra capacity arguments). peer: PEER_LIMIT_S (the whole part, default 570: it
+# is meant to be a call of its own), PEER_SYSTEMS (default vllm:2048,sarathi:512), PEER_PROBES
+# (default 2), PEER_RATE (first probe, req/s, default 4), PEER_PROBE_SECONDS (default 15),
+# PEER_SYSTEM_LIMIT_S (per system, its start included, default 250), PEER_SLO_MS (the P99 TBT
+# bound; unset: measured from vLLM's decode step), PEER_ARGS (e.g. --skip-offline), VLLM_SITE.
 #
 # The real SmolLM2 weights (98 MB) can reach the host in two halves where one transfer is
 # limited: benchmarks/device/smollm2_halves.sh splits them into .smol/a and .smol/b; with either
@@ -72,6 +79,21 @@ capacity() {  # $1: strict or relaxed
         ${CAPACITY_ARGS:-} \
         --startup-timeout 300 --no-progress --output-dir "$OUT/capacity-$1"
 }
+peer() {
+    local vsite=${VLLM_SITE:-/tmp/vllm} systems=${PEER_SYSTEMS:-vllm:2048,sarathi:512}
+    # Only vLLM's systems need it (ours alone: give PEER_SLO_MS, the bound vLLM's step would set).
+    if echo ",$systems" | grep -q ",vllm:" && [ ! -d "$vsite/vllm" ]; then
+        echo "no vLLM in $vsite: unpack it first (../shared/device/vllm/carry)"; return 1
+    fi
+    # vLLM's folder goes first for this process only; our server gets the project's path alone.
+    # The FlashInfer sampler is off as in the shared anchor run (it JIT-compiles for minutes).
+    PYTHONPATH=$vsite:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 timeout "${PEER_LIMIT_S:-570}" \
+        python3 -m benchmarks.peer --systems "$systems" \
+        --max-probes "${PEER_PROBES:-2}" --initial-rate "${PEER_RATE:-4}" \
+        --probe-seconds "${PEER_PROBE_SECONDS:-15}" --system-time-limit "${PEER_SYSTEM_LIMIT_S:-250}" \
+        ${PEER_SLO_MS:+--slo-p99-tbt-ms "$PEER_SLO_MS"} --server-env "PYTHONPATH=$PYTHONPATH" \
+        --no-progress --out "$OUT/peer" ${PEER_ARGS:-}
+}
 for part in "$@"; do
     echo "=== $part ($(date -u +%T))"
     case $part in
@@ -87,6 +109,7 @@ for part in "$@"; do
         overhead) timeout "$limit" python3 -m benchmarks.host.step_overhead --model dummy:llama3-8b \
             --device cuda --batches 1 32 128 ${OVERHEAD_ARGS:-} ;;
         replica) timeout "$limit" python3 -m benchmarks.replica.replica_bench ${REPLICA_ARGS:-} ;;
+        peer) peer ;;
         capacity-strict) capacity strict ;;
         capacity-relaxed) capacity relaxed ;;
         *) echo "unknown part $part" ;;

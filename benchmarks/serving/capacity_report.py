@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from benchmarks.serving.capacity import CapacityResult  # noqa: E402
+from benchmarks.serving.capacity import CapacityResult, Probe  # noqa: E402
 from benchmarks.serving.report import to_jsonable  # noqa: E402
 from benchmarks.serving.slo import Slo  # noqa: E402
 
@@ -135,23 +135,28 @@ def plot_capacity(results: Sequence[CapacityResult], slo: Slo, path: Path) -> No
     bars.set_ylabel("capacity (requests/s)")
     bars.set_ylim(bottom=0, top=max([r.capacity_rate for r in results] + [0.0]) * 1.15 or 1.0)
     bars.set_title("Capacity under the SLO")
-    for i, result in enumerate(results):
-        points = sorted((p.rate, p.summary.tbt_s.p99, p.passed) for p in result.probes if p.summary)
-        if not points:
-            continue
-        rates = [rate for rate, _, _ in points]
-        p99s = [p99 for _, p99, _ in points]
-        probes.plot(rates, p99s, color=colors[i], linewidth=1, label=result.policy)
-        for rate, p99, passed in points:
-            probes.scatter(rate, p99, color=colors[i], facecolors=colors[i] if passed else "none", zorder=3)
-    if slo.p99_tbt_s is not None:
-        probes.axhline(slo.p99_tbt_s, color="red", linestyle="--", linewidth=1, label="P99 TBT SLO")
-    probes.set_xlabel("request rate (requests/s)")
-    probes.set_ylabel("P99 TBT (s)")
-    probes.set_title("Probes (hollow: SLO missed)")
-    probes.grid(alpha=0.3)
-    if probes.get_legend_handles_labels()[0]:
-        probes.legend(fontsize=8)
+    plot_probes(probes, [(r.policy, r.probes) for r in results], slo.p99_tbt_s)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_probes(axis, series: Sequence[tuple[str, Sequence[Probe]]], p99_tbt_bound_s: float | None) -> None:
+    """Every probe's P99 TBT (ms) against its rate, one colour per series (C0, C1, ... as the
+    other panels), filled where it met the SLO, and the bound as a line: the search made visible."""
+    for i, (label, probes) in enumerate(series):
+        points = sorted((p.rate, p.summary.tbt_s.p99 * 1e3, p.passed) for p in probes if p.summary)
+        if not points:
+            continue
+        axis.plot([r for r, _, _ in points], [t for _, t, _ in points], color=f"C{i}", linewidth=1,
+                  label=label)
+        for rate, p99, passed in points:
+            axis.scatter(rate, p99, color=f"C{i}", facecolors=f"C{i}" if passed else "none", zorder=3)
+    if p99_tbt_bound_s is not None:
+        axis.axhline(p99_tbt_bound_s * 1e3, color="red", linestyle="--", linewidth=1, label="P99 TBT SLO")
+    axis.set_xlabel("request rate (requests/s)")
+    axis.set_ylabel("P99 TBT (ms)")
+    axis.set_title("Probes (hollow: SLO missed)")
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from benchmarks.serving.bench import BenchResult, run_bench
 from benchmarks.serving.capacity import CapacityResult, Probe, SearchParams, search_capacity
 from benchmarks.serving.cli_common import Endpoint, throughput_line
 from benchmarks.serving.client import ClientOptions
+from benchmarks.serving.metrics import RunSummary
 from benchmarks.serving.report import plot_cdfs, write_run_report
 from benchmarks.serving.server_metrics import wait_until_idle
 from benchmarks.serving.slo import EarlyFailRule, Slo
@@ -76,6 +78,39 @@ async def search_policy(
         saturation_rate = saturated.summary.request_throughput
         console.print(f"  {policy}: {throughput_line(saturated.summary)}")
     params = search_params(args, saturation_rate)
+    probe = policy_probe(policy, endpoint, config, slo, options, args, console, runs)
+    result = await search_capacity(policy, probe, params)
+    result.saturation_rate = saturation_rate
+    return result, runs.get(result.capacity_rate) if result.capacity_rate > 0 else None
+
+
+def probe_violations(slo: Slo, summary: RunSummary, stopped_early: str | None) -> list[str]:
+    """What a probe broke; empty when it met the SLO. An early stop cancels the requests still
+    running: they are not failures of their own, the stop is the verdict."""
+    return [f"stopped early: {stopped_early}"] if stopped_early else slo.violations(summary)
+
+
+def probe_line(label: str, summary: RunSummary, violations: Sequence[str]) -> str:
+    verdict = "[green]meets SLO[/]" if not violations else f"[red]misses[/] ({'; '.join(violations)})"
+    s = summary
+    return (
+        f"  {label}: P99 TBT {s.tbt_s.p99 * 1e3:.0f} ms, P50 TTFT {s.ttft_s.p50 * 1e3:.0f} ms, "
+        f"P99 TTFT {s.ttft_s.p99 * 1e3:.0f} ms: {verdict}"
+    )
+
+
+def policy_probe(
+    policy: str,
+    endpoint: Endpoint,
+    config: WorkloadConfig,
+    slo: Slo,
+    options: ClientOptions,
+    args: argparse.Namespace,
+    console: Console,
+    runs: dict[float, BenchResult],
+) -> Callable[[float], Awaitable[Probe]]:
+    """The probe of one server for search_capacity: the workload at `rate` (at least
+    args.probe_seconds of arrivals), judged against the SLO; each run is kept in `runs`."""
 
     async def probe(rate: float) -> Probe:
         specs = build_workload(probe_workload(config, rate, args.probe_seconds))
@@ -88,22 +123,12 @@ async def search_policy(
         run = await run_bench(
             endpoint.address, specs, label, options, rule, console, not args.no_progress, endpoint.metrics_url
         )
-        # An early stop cancels the requests still running: they are not failures of their own.
-        violations = (
-            [f"stopped early: {run.stopped_early}"] if run.stopped_early else slo.violations(run.summary)
-        )
+        violations = probe_violations(slo, run.summary, run.stopped_early)
         runs[rate] = run
-        verdict = "[green]meets SLO[/]" if not violations else f"[red]misses[/] ({'; '.join(violations)})"
-        s = run.summary
-        console.print(
-            f"  {label}: P99 TBT {s.tbt_s.p99 * 1e3:.0f} ms, P50 TTFT {s.ttft_s.p50 * 1e3:.0f} ms, "
-            f"P99 TTFT {s.ttft_s.p99 * 1e3:.0f} ms: {verdict}"
-        )
+        console.print(probe_line(label, run.summary, violations))
         return Probe(rate, not violations, tuple(violations), run.summary, run.stopped_early)
 
-    result = await search_capacity(policy, probe, params)
-    result.saturation_rate = saturation_rate
-    return result, runs.get(result.capacity_rate) if result.capacity_rate > 0 else None
+    return probe
 
 
 def write_best_runs(out_dir: Path, runs: dict[str, BenchResult], slo: Slo, metadata: dict) -> None:

@@ -218,13 +218,18 @@ class _OpenLoopRun:
             record.error = "cancelled: stopped early"
             raise
         finally:
-            if record.finished_s is None and record.error is None:
-                record.error = "stream ended without a Finished message"
-            if record.completed:
-                self.completed += 1
-            else:
-                self.failed += 1
-            self._report()
+            self._settle(record, "stream ended without a Finished message")
+
+    def _settle(self, record: RequestRecord, missing_end: str) -> None:
+        """A request's stream is over: count it completed or failed (an end never seen is a
+        failure, named by `missing_end`) and report progress."""
+        if record.finished_s is None and record.error is None:
+            record.error = missing_end
+        if record.completed:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self._report()
 
 
 def _record_finished(record: RequestRecord, finished: generation_pb2.Finished, received: float) -> None:
