@@ -13,6 +13,7 @@ from rich.console import Console
 
 from benchmarks.peer.cli import build_plan, parser
 from benchmarks.peer.offline import OfflineConfig, offline_specs
+from benchmarks.peer.ours_system import server_launch
 from benchmarks.peer.report import comparison, peer_document, peer_table, write_peer_report
 from benchmarks.peer.results import OfflineResult, SloAnchor, SystemResult
 from benchmarks.peer.search import run_search, run_within
@@ -155,6 +156,19 @@ def test_the_plan_follows_the_flags(tmp_path):
     assert env.server_env == {"PYTHONPATH": "/a:/b", "X": ""}
     with pytest.raises(SystemExit):
         build_plan(parser().parse_args(["--server-env", "PYTHONPATH"]), tmp_path)
+
+
+def test_our_server_gets_the_same_cap_on_sequences_per_step_as_vllm(tmp_path):
+    plan = build_plan(parser().parse_args(["--vllm-max-num-seqs", "192"]), tmp_path)
+    entry = parse_systems("sarathi:512")[0]
+    args = server_launch(entry, plan, SloAnchor(5.0)).command(1234)
+    assert "--max-batch-size=192" in args
+    own = build_plan(parser().parse_args(["--server-arg=--max-batch-size=64"]), tmp_path)
+    args = server_launch(entry, own, SloAnchor(5.0)).command(1234)
+    assert "--max-batch-size=64" in args and "--max-batch-size=256" not in args
+    vllm_default = build_plan(parser().parse_args(["--vllm-max-num-seqs", "0"]), tmp_path)
+    command = server_launch(entry, vllm_default, SloAnchor(5.0)).command(1)
+    assert not any("--max-batch-size" in a for a in command)
 
 
 def summary_at(tbt_p99_s: float, ttft_p50_s: float, tokens_per_s: float):

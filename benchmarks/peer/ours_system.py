@@ -36,6 +36,14 @@ def tbt_slo_ms(entry: SystemEntry, anchor: SloAnchor) -> float | None:
     return anchor.p99_tbt_s * 1e3
 
 
+def server_args(plan: PeerPlan) -> tuple[str, ...]:
+    """`sarathi serve`'s flags: the plan's, with vLLM's cap on sequences per step unless they
+    set one (our default of 128 against vLLM's 256 halves the decode batch offline)."""
+    if plan.vllm_max_num_seqs is None or any(a.startswith("--max-batch-size") for a in plan.server_args):
+        return plan.server_args
+    return (*plan.server_args, f"--max-batch-size={plan.vllm_max_num_seqs}")
+
+
 def server_launch(entry: SystemEntry, plan: PeerPlan, anchor: SloAnchor) -> ServerLaunch:
     assert entry.policy is not None
     return ServerLaunch(
@@ -43,7 +51,7 @@ def server_launch(entry: SystemEntry, plan: PeerPlan, anchor: SloAnchor) -> Serv
         chunk_size=entry.policy.chunk_size,
         tbt_slo_ms=tbt_slo_ms(entry, anchor),
         model=plan.model,
-        extra_args=plan.server_args,
+        extra_args=server_args(plan),
         startup_timeout_s=plan.startup_timeout_s,
         log_path=plan.out_dir / f"server-{file_stem(entry.label)}.log",
         env=plan.server_env,
