@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One sitting of the peer comparison (issue 22: vLLM 0.25 and our server, same GPU machine, same
+# session), as three GPU-machine calls made back to back while the machine stays warm (30 s).
+# Build the carry folders first: ../shared/device/vllm/carry (.vca .vcb .vcc) and
+# benchmarks/device/fetch_device_wheels.sh (.whl). Then, from the project root:
+#   1) carry .vca             bash benchmarks/device/peer_sitting.sh unpack
+#   2) carry .vcb .whl        bash benchmarks/device/peer_sitting.sh ours
+#   3) carry .vcc             bash benchmarks/device/peer_sitting.sh vllm
+# (the folders do not fit one 64 MiB carry together). `ours` runs our SLO-driven budget's
+# capacity search (from OURS_RATE req/s) and our static-2048 offline throughput; `vllm` measures
+# vLLM's decode step (the SLO anchor), then its offline throughput and capacity at budgets 2048
+# and 512. Ours is judged against PEER_SLO_MS (default 45.8 = 5 x 9.16 ms, vLLM's step on an
+# H200 on 2026-11-29); the `vllm` call prints this sitting's own anchor beside it.
+# Outputs: $OUT/<part>/peer/{peer.json,peer.png,...}; FlashInfer's cache in $OUT/<part>/fi.tgz.
+set -uo pipefail
+export OUT=${OUT:-/tmp/out}
+vsite=${VLLM_SITE:-/tmp/vllm}
+session=benchmarks/device/gpu_session.sh
+case ${1:-} in
+    unpack)
+        mkdir -p "$vsite" && tar -xJf .vca/v_c.tar.xz -C "$vsite" && du -sh "$vsite" ;;
+    ours)
+        mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
+        slo=${PEER_SLO_MS:-45.8}
+        OUT=$OUT/ours-slo PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=$slo PEER_ARGS=--skip-offline \
+            PEER_RATE=${OURS_RATE:-10} PEER_PROBES=${OURS_PROBES:-3} PEER_LIMIT_S=${OURS_SLO_LIMIT_S:-340} \
+            PEER_SYSTEM_LIMIT_S=${OURS_SLO_LIMIT_S:-340} bash $session peer
+        cp "$OUT/ours-slo/fi.tgz" ~/fi.tgz 2>/dev/null
+        OUT=$OUT/ours-offline PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=$slo PEER_ARGS=--skip-capacity \
+            PEER_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} PEER_SYSTEM_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} \
+            bash $session peer
+        rm -f "$OUT/ours-slo/fi.tgz" ;;  # the second part's copy is the fuller one
+    vllm)
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" .vcc/*.whl 2>&1 \
+            | grep -v "^WARNING: Target directory"
+        OUT=$OUT/vllm PEER_SYSTEMS=${VLLM_SYSTEMS:-vllm:2048,vllm:512} PEER_RATE=${VLLM_RATE:-4} \
+            PEER_PROBES=${VLLM_PROBES:-3} PEER_LIMIT_S=${VLLM_LIMIT_S:-560} \
+            PEER_SYSTEM_LIMIT_S=${VLLM_SYSTEM_LIMIT_S:-275} bash $session peer
+        rm -f "$OUT/vllm/fi.tgz" ;;  # vLLM's run compiles none of ours
+    *) echo "usage: $0 unpack|ours|vllm"; exit 2 ;;
+esac
