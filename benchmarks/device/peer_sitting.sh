@@ -6,6 +6,9 @@
 #   1) carry .vca             bash benchmarks/device/peer_sitting.sh unpack
 #   2) carry .vcb .whl        bash benchmarks/device/peer_sitting.sh ours
 #   3) carry .vcc             bash benchmarks/device/peer_sitting.sh vllm
+# and, on a machine of its own (carry .whl .fi_cache): `more` runs tests/gpu, our static budgets'
+# capacity (sarathi:512 from 6 req/s, sarathi:2048 from 4) and one more probe of the SLO-driven
+# budget (OURS_RATE2, default 12.5 req/s), all judged against PEER_SLO_MS.
 # (the folders do not fit one 64 MiB carry together). `ours` runs our SLO-driven budget's
 # capacity search (from OURS_RATE req/s) and our static-2048 offline throughput; `vllm` measures
 # vLLM's decode step (the SLO anchor), then its offline throughput and capacity at budgets 2048
@@ -37,5 +40,16 @@ case ${1:-} in
             PEER_PROBES=${VLLM_PROBES:-3} PEER_LIMIT_S=${VLLM_LIMIT_S:-560} \
             PEER_SYSTEM_LIMIT_S=${VLLM_SYSTEM_LIMIT_S:-275} bash $session peer
         rm -f "$OUT/vllm/fi.tgz" ;;  # vLLM's run compiles none of ours
-    *) echo "usage: $0 unpack|ours|vllm"; exit 2 ;;
+    more)
+        slo=${PEER_SLO_MS:-45.8}
+        PART_LIMIT_S=${TESTS_LIMIT_S:-230} bash $session tests 2>&1 | tail -25
+        OUT=$OUT/ours-512 PEER_SYSTEMS=sarathi:512 PEER_SLO_MS=$slo PEER_ARGS=--skip-offline PEER_RATE=6 \
+            PEER_PROBES=3 PEER_LIMIT_S=150 PEER_SYSTEM_LIMIT_S=150 bash $session peer 2>&1 | tail -22
+        OUT=$OUT/ours-2048 PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=$slo PEER_ARGS=--skip-offline PEER_RATE=4 \
+            PEER_PROBES=2 PEER_LIMIT_S=100 PEER_SYSTEM_LIMIT_S=100 bash $session peer 2>&1 | tail -20
+        OUT=$OUT/ours-slo2 PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=$slo PEER_ARGS=--skip-offline \
+            PEER_RATE=${OURS_RATE2:-12.5} PEER_PROBES=1 PEER_LIMIT_S=90 PEER_SYSTEM_LIMIT_S=90 \
+            bash $session peer 2>&1 | tail -20
+        rm -f "$OUT"/ours-*/fi.tgz ;;
+    *) echo "usage: $0 unpack|ours|vllm|more"; exit 2 ;;
 esac
