@@ -5,7 +5,8 @@
 #   bash tests/gpu/run_on_device.sh [pytest args, e.g. -k runner]
 set -o pipefail
 log="${OUT:-/tmp}/gpu_tests.log"
-python3 -m pytest -q -p no:cacheprovider --confcutdir=tests/gpu tests/gpu -rA "$@" >"$log" 2>&1
+# -v: a run stopped at its time limit still shows which test it was in.
+python3 -m pytest -v -p no:cacheprovider --confcutdir=tests/gpu tests/gpu -rA "$@" >"$log" 2>&1
 status=$?
 grep -E "^(PASSED|FAILED|ERROR)" "$log" | sed 's/^PASSED/PASS/; s/^FAILED/FAIL/'
 tail -n 1 "$log"
