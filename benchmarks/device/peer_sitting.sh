@@ -51,5 +51,12 @@ case ${1:-} in
             PEER_RATE=${OURS_RATE2:-12.5} PEER_PROBES=1 PEER_LIMIT_S=90 PEER_SYSTEM_LIMIT_S=90 \
             bash $session peer 2>&1 | tail -20
         rm -f "$OUT"/ours-*/fi.tgz ;;
-    *) echo "usage: $0 unpack|ours|vllm|more"; exit 2 ;;
+    probe)  # one probe of the SLO-driven budget at OURS_RATE2, then the GPU tests but the kernels'
+        OUT=$OUT/ours-slo3 PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=${PEER_SLO_MS:-45.8} PEER_ARGS=--skip-offline \
+            PEER_RATE=${OURS_RATE2:-12.5} PEER_PROBES=1 PEER_LIMIT_S=${PROBE_LIMIT_S:-110} \
+            PEER_SYSTEM_LIMIT_S=${PROBE_LIMIT_S:-110} bash $session peer 2>&1 | tail -12
+        PART_LIMIT_S=${TESTS_LIMIT_S:-90} TEST_K="not test_kernels_gpu" bash $session tests 2>&1 | tail -25
+        grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/gpu_tests.log" | tail -30
+        nvidia-smi --query-compute-apps=pid,used_memory --format=csv; rm -f "$OUT"/ours-*/fi.tgz ;;
+    *) echo "usage: $0 unpack|ours|vllm|more|probe"; exit 2 ;;
 esac
