@@ -30,7 +30,7 @@ import time
 import torch
 
 from benchmarks.replica.launch import local_replica
-from benchmarks.step.gpu_bench import prefill_flops
+from benchmarks.step.floors import prefill_flops
 from benchmarks.step.harness import BLOCK, PlanMaker
 from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend

@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.step.floors import kv_bytes
 from benchmarks.step.gpu_bench import (
     BLOCK,
     CONTEXT,
@@ -25,7 +26,6 @@ from benchmarks.step.gpu_bench import (
     Driver,
     add_split_decode_arg,
     apply_split_decode_arg,
-    kv_bytes,
     measure_copy_bandwidth,
     weight_bytes_read_per_step,
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.step.floors import hybrid_floor, kv_bytes, prefill_flops
 from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
 from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
@@ -174,23 +175,6 @@ def apply_split_decode_arg(model, args: argparse.Namespace) -> None:
         model.backend.split_decode_max_batch = args.split_decode_max_batch
 
 
-def kv_bytes(config, tokens: int, elem: int = 2) -> int:
-    return tokens * config.num_layers * 2 * config.num_kv_heads * config.head_dim * elem
-
-
-def matmul_params(config) -> int:
-    c = config
-    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size \
-        + 3 * c.hidden_size * c.intermediate_size
-    return per_layer * c.num_layers
-
-
-def prefill_flops(config, tokens: int) -> float:
-    c = config
-    attention = 4 * c.num_layers * c.num_heads * c.head_dim * tokens * (tokens + 1) / 2
-    return 2 * matmul_params(config) * tokens + attention + 2 * c.hidden_size * c.vocab_size
-
-
 @dataclass
 class DecodeTimes:
     served: float   # steady state with step i+1 launched before step i's tokens are read
@@ -233,27 +217,6 @@ def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
 HYBRID_SHAPES = ((512, 64, 1024), (2048, 64, 1024), (2048, 128, 4096))
 # Small chunks, where launches rather than kernels may bound an iteration: graphs or not.
 SMALL_HYBRID_SHAPES = ((64, 16, 1024), (128, 32, 1024), (256, 32, 1024))
-
-
-def hybrid_flops(config, chunk: int, decodes: int, context: int) -> float:
-    """A fresh prompt's first chunk (causal over itself) plus decodes at `context`: projections
-    of every token, attention of both, and the LM head of the rows that sample (the decodes)."""
-    head = 2 * config.hidden_size * config.vocab_size * decodes
-    return 2 * matmul_params(config) * (chunk + decodes) + hybrid_attention_flops(config, chunk, decodes,
-                                                                                 context) + head
-
-
-def hybrid_attention_flops(config, chunk: int, decodes: int, context: int) -> float:
-    c = config
-    return 4 * c.num_layers * c.num_heads * c.head_dim * (chunk * (chunk + 1) / 2 + decodes * context)
-
-
-def hybrid_floor(config, chunk: int, decodes: int, context: int, matmul_rate: float,
-                 copy_bw: float) -> float:
-    """What kernel-by-kernel execution cannot beat: the FLOPs at the matmul rate, then the KV the
-    decodes read at the copy bandwidth (weights are read once, under the matmuls)."""
-    return hybrid_flops(config, chunk, decodes, context) / matmul_rate \
-        + kv_bytes(config, decodes * context) / copy_bw
 
 
 @dataclass
