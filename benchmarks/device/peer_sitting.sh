@@ -6,14 +6,16 @@
 #   1) carry .vca             bash benchmarks/device/peer_sitting.sh unpack
 #   2) carry .vcb .whl        bash benchmarks/device/peer_sitting.sh ours
 #   3) carry .vcc             bash benchmarks/device/peer_sitting.sh vllm
-# and, on a machine of its own (carry .whl .fi_cache): `more` runs tests/gpu, our static budgets'
-# capacity (sarathi:512 from 6 req/s, sarathi:2048 from 4) and one more probe of the SLO-driven
-# budget (OURS_RATE2, default 12.5 req/s), all judged against PEER_SLO_MS.
 # (the folders do not fit one 64 MiB carry together). `ours` runs our SLO-driven budget's
 # capacity search (from OURS_RATE req/s) and our static-2048 offline throughput; `vllm` measures
 # vLLM's decode step (the SLO anchor), then its offline throughput and capacity at budgets 2048
 # and 512. Ours is judged against PEER_SLO_MS (default 45.8 = 5 x 9.16 ms, vLLM's step on an
 # H200 on 2026-11-29); the `vllm` call prints this sitting's own anchor beside it.
+# On a machine of its own (carry .whl .fi_cache): `more` runs our static budgets' capacity
+# (sarathi:512 from 6 req/s, sarathi:2048 from 4) and one more probe of the SLO-driven budget
+# (OURS_RATE2, default 12.5 req/s), then tests/gpu last: after a GPU-test run cut at its limit,
+# servers on that machine were seen never to come up (2026-12-03, not diagnosed). `probe` is one
+# SLO-driven probe, then the GPU tests but the kernels'.
 # Outputs: $OUT/<part>/peer/{peer.json,peer.png,...}; FlashInfer's cache in $OUT/<part>/fi.tgz.
 set -uo pipefail
 export OUT=${OUT:-/tmp/out}
@@ -28,7 +30,6 @@ case ${1:-} in
         OUT=$OUT/ours-slo PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=$slo PEER_ARGS=--skip-offline \
             PEER_RATE=${OURS_RATE:-10} PEER_PROBES=${OURS_PROBES:-3} PEER_LIMIT_S=${OURS_SLO_LIMIT_S:-340} \
             PEER_SYSTEM_LIMIT_S=${OURS_SLO_LIMIT_S:-340} bash $session peer
-        cp "$OUT/ours-slo/fi.tgz" ~/fi.tgz 2>/dev/null
         OUT=$OUT/ours-offline PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=$slo PEER_ARGS=--skip-capacity \
             PEER_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} PEER_SYSTEM_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} \
             bash $session peer
@@ -42,7 +43,6 @@ case ${1:-} in
         rm -f "$OUT/vllm/fi.tgz" ;;  # vLLM's run compiles none of ours
     more)
         slo=${PEER_SLO_MS:-45.8}
-        PART_LIMIT_S=${TESTS_LIMIT_S:-230} bash $session tests 2>&1 | tail -25
         OUT=$OUT/ours-512 PEER_SYSTEMS=sarathi:512 PEER_SLO_MS=$slo PEER_ARGS=--skip-offline PEER_RATE=6 \
             PEER_PROBES=3 PEER_LIMIT_S=150 PEER_SYSTEM_LIMIT_S=150 bash $session peer 2>&1 | tail -22
         OUT=$OUT/ours-2048 PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=$slo PEER_ARGS=--skip-offline PEER_RATE=4 \
@@ -50,6 +50,7 @@ case ${1:-} in
         OUT=$OUT/ours-slo2 PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=$slo PEER_ARGS=--skip-offline \
             PEER_RATE=${OURS_RATE2:-12.5} PEER_PROBES=1 PEER_LIMIT_S=90 PEER_SYSTEM_LIMIT_S=90 \
             bash $session peer 2>&1 | tail -20
+        PART_LIMIT_S=${TESTS_LIMIT_S:-230} bash $session tests 2>&1 | tail -25
         rm -f "$OUT"/ours-*/fi.tgz ;;
     probe)  # one probe of the SLO-driven budget at OURS_RATE2, then the GPU tests but the kernels'
         OUT=$OUT/ours-slo3 PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=${PEER_SLO_MS:-45.8} PEER_ARGS=--skip-offline \

@@ -36,9 +36,6 @@ class RequestWork:
     def sequential_s(self, matmul_rate: float, copy_bw: float) -> float:
         return self.flops / matmul_rate + self.kv_read_bytes / copy_bw
 
-    def overlapped_s(self, matmul_rate: float, copy_bw: float) -> float:
-        return max(self.flops / matmul_rate, self.kv_read_bytes / copy_bw)
-
 
 def request_work(config, prompt_tokens: int, output_tokens: int) -> RequestWork:
     """The prefill of `prompt_tokens` (causal) and `output_tokens - 1` decodes, decode i at
