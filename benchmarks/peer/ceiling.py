@@ -33,9 +33,6 @@ class RequestWork:
     flops: float
     kv_read_bytes: float
 
-    def sequential_s(self, matmul_rate: float, copy_bw: float) -> float:
-        return self.flops / matmul_rate + self.kv_read_bytes / copy_bw
-
 
 def request_work(config, prompt_tokens: int, output_tokens: int) -> RequestWork:
     """The prefill of `prompt_tokens` (causal) and `output_tokens - 1` decodes, decode i at
@@ -73,13 +70,13 @@ def ceiling(config, name: str, lengths: Sequence[tuple[int, int]], matmul_rate: 
             copy_bw: float) -> Ceiling:
     work = [request_work(config, p, o) for p, o in lengths]
     n = len(work)
+    flops = sum(w.flops for w in work)
+    kv = sum(w.kv_read_bytes for w in work)
     return Ceiling(
-        name, n, sum(o for _, o in lengths) / n,
-        sum(w.flops for w in work) / n / 1e12,
-        sum(w.kv_read_bytes for w in work) / n / 1e9,
-        sum(w.sequential_s(matmul_rate, copy_bw) for w in work) / n,
+        name, n, sum(o for _, o in lengths) / n, flops / n / 1e12, kv / n / 1e9,
+        (flops / matmul_rate + kv / copy_bw) / n,
         # Over the whole workload: FLOPs and KV reads of all requests overlap one another.
-        max(sum(w.flops for w in work) / matmul_rate, sum(w.kv_read_bytes for w in work) / copy_bw) / n,
+        max(flops / matmul_rate, kv / copy_bw) / n,
     )
 
 
