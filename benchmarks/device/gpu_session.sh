@@ -14,6 +14,9 @@
 #   peer              python -m benchmarks.peer: vLLM 0.25 (AsyncLLM in-process, from $VLLM_SITE,
 #                     default /tmp/vllm: unpack it there first with ../shared/device/vllm/carry's
 #                     three calls) against our server, one table; see benchmarks/README.md
+#   offline           1000 x (512 in, 256 out) at t = 0 through `sarathi bench` (the peer run's
+#                     offline workload) with the scheduler's iteration trace (OFFLINE_BUDGET,
+#                     default 2048; OFFLINE_MAX_SEQS, default 256 as vLLM's; OFFLINE_ARGS)
 #   smollm2           (alone) joins the real SmolLM2 weights' halves into ~/smol, see below
 # First it installs the wheels in .whl/ (git-ignored; fill it on a machine with PyPI with
 # benchmarks/device/fetch_device_wheels.sh) into /tmp/site, once per host while .whl/ is
@@ -94,6 +97,13 @@ peer() {
         ${PEER_SLO_MS:+--slo-p99-tbt-ms "$PEER_SLO_MS"} --server-env "PYTHONPATH=$PYTHONPATH" \
         --no-progress --out "$OUT/peer" ${PEER_ARGS:-}
 }
+offline() {  # the peer run's offline workload through `sarathi bench`, with the iteration trace
+    local budget=${OFFLINE_BUDGET:-2048} seqs=${OFFLINE_MAX_SEQS:-256}
+    timeout "$limit" python3 -m sarathi.cli bench --model dummy:llama3-8b --server-arg=--device=cuda \
+        --server-arg=--max-batch-size="$seqs" --policy sarathi --chunk-size "$budget" \
+        --num-requests 1000 --lengths fixed --prompt-tokens 512 --output-tokens 256 --arrivals static \
+        ${OFFLINE_ARGS:-} --startup-timeout 300 --no-progress --output-dir "$OUT/offline-$budget-$seqs"
+}
 for part in "$@"; do
     echo "=== $part ($(date -u +%T))"
     case $part in
@@ -110,6 +120,7 @@ for part in "$@"; do
             --device cuda --batches 1 32 128 ${OVERHEAD_ARGS:-} ;;
         replica) timeout "$limit" python3 -m benchmarks.replica.replica_bench ${REPLICA_ARGS:-} ;;
         peer) peer ;;
+        offline) offline ;;
         capacity-strict) capacity strict ;;
         capacity-relaxed) capacity relaxed ;;
         *) echo "unknown part $part" ;;

@@ -259,7 +259,7 @@ def bench_hybrid(driver: Driver, decodes: int, chunk: int, repeats: int,
 
 
 def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: float,
-                rows: list, results: dict) -> None:
+                rows: list, results: dict, shapes=HYBRID_SHAPES, small_shapes=SMALL_HYBRID_SHAPES) -> None:
     """Each acceptance shape as served (piecewise graphs where the runner has them, decodes
     through the decode kernels), then the variants that show what each of those buys."""
     backend = runner.backend
@@ -271,8 +271,8 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
     if flashinfer:
         variants.append((", eager, decodes through our split-KV kernel", None, True, 1 << 20))
         variants.append((", one prefill launch for all", graphs, False, None))
-    small = [(shape, variants[:2]) for shape in SMALL_HYBRID_SHAPES]
-    for (chunk, decodes, context), shape_variants in [(s, variants) for s in HYBRID_SHAPES] + small:
+    small = [(shape, variants[:2]) for shape in small_shapes]
+    for (chunk, decodes, context), shape_variants in [(s, variants) for s in shapes] + small:
         floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
         for label, hybrid, split, split_max in shape_variants:
             runner.hybrid_graphs = hybrid
@@ -316,6 +316,15 @@ def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float
     return (run(new_tokens + 1) - run(1)) / new_tokens
 
 
+def hybrid_shape(text: str) -> tuple[int, int, int]:
+    """CHUNK,DECODES,CONTEXT -> a hybrid iteration's shape."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give CHUNK,DECODES,CONTEXT, e.g. 512,256,640")
+    chunk, decodes, context = (int(p) for p in parts)
+    return chunk, decodes, context
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3-8b")
@@ -330,8 +339,14 @@ def main() -> None:
     ap.add_argument("--hybrid-only", action="store_true", help="only the ceilings and hybrid rows")
     ap.add_argument("--profile-hybrid", action="store_true",
                     help="also profile each hybrid shape's kernels (benchmarks/step/hybrid_profile.py)")
+    ap.add_argument("--hybrid-shape", action="append", type=hybrid_shape, default=[],
+                    metavar="CHUNK,DECODES,CONTEXT",
+                    help="hybrid rows (and profiles) for these shapes instead of the acceptance ones; "
+                         "repeatable (e.g. 512,256,640: the offline workload's steady state)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    shapes = tuple(args.hybrid_shape) or HYBRID_SHAPES
+    small_shapes = () if args.hybrid_shape else SMALL_HYBRID_SHAPES
     rows: list[tuple[str, str, str, str]] = []
     results: dict = {"device": torch.cuda.get_device_name(), "model": args.model}
 
@@ -400,12 +415,12 @@ def main() -> None:
                      f"{flops / mm * 1e3:.1f} ms", f"MFU {flops / s / mm * 100:.0f}%"))
         results[f"prefill_{n}_s"] = s
 
-    hybrid_rows(driver, runner, config, mm, bw, rows, results)
+    hybrid_rows(driver, runner, config, mm, bw, rows, results, shapes, small_shapes)
     profiles = []
     if args.profile_hybrid:
         from benchmarks.step.hybrid_profile import profile_hybrid
 
-        for shape in HYBRID_SHAPES:
+        for shape in shapes:
             profiles.append(profile_hybrid(driver, config, *shape, mm, bw))
             print(profiles[-1], flush=True)
 
