@@ -39,11 +39,16 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual: [tokens, hidden] (row-contiguous). Same contract as fused_add_rmsnorm_ref."""
+                      eps: float, residual_out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [tokens, hidden] (row-contiguous). Same contract as fused_add_rmsnorm_ref.
+    residual_out: where x + residual goes (residual itself is fine: each row is read before it
+    is written), e.g. a CUDA graph's static buffer; None for a new tensor (x without residual)."""
     n_rows, n_cols = x.shape
     out = torch.empty_like(x)
-    res_out = torch.empty_like(x) if residual is not None else x
+    if residual is None and residual_out is not None:
+        residual_out.copy_(x)
+    res_out = residual_out if residual_out is not None else torch.empty_like(x) if residual is not None else x
     if n_rows == 0:
         return out, res_out
     block = triton.next_power_of_2(n_cols)

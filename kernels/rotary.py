@@ -63,11 +63,12 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torc
 
 
 @triton.jit
-def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
-                         n_heads, n_kv_heads, q_stride, k_stride, v_stride, cos_stride, block_size,
-                         c_block_stride, c_kv_stride, c_slot_stride,
+def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+                         n_heads, n_kv_heads, q_stride, k_stride, v_stride, q_out_stride, cos_stride,
+                         block_size, c_block_stride, c_kv_stride, c_slot_stride,
                          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr):
-    """One program per token: rotate its q and k heads in place, then store k and v at its slot."""
+    """One program per token: rotate its q heads into q_out (q itself when in place) and its k
+    heads in place, then store k and v at its slot."""
     tok = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, HALF)
     pos = tl.load(pos_ptr + tok)
@@ -79,8 +80,9 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_p
     qm = heads[:, None] < n_heads
     q1 = tl.load(qb, mask=qm, other=0.0).to(tl.float32)
     q2 = tl.load(qb + HALF, mask=qm, other=0.0).to(tl.float32)
-    tl.store(qb, (q1 * c - q2 * s).to(ty), mask=qm)
-    tl.store(qb + HALF, (q2 * c + q1 * s).to(ty), mask=qm)
+    qo = q_out_ptr + tok * q_out_stride + heads[:, None] * (2 * HALF) + dims[None, :]
+    tl.store(qo, (q1 * c - q2 * s).to(ty), mask=qm)
+    tl.store(qo + HALF, (q2 * c + q1 * s).to(ty), mask=qm)
     kh = tl.arange(0, BLOCK_KH)
     row = kh[:, None] * (2 * HALF) + dims[None, :]
     km = kh[:, None] < n_kv_heads
@@ -103,22 +105,26 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_p
 
 def rotary_and_cache_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """rotary_ on q and k, then kv_write.write_kv of (rotated k, v), in one launch.
+                      slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """rotary_ on q and k, then kv_write.write_kv of (rotated k, v), in one launch. Returns the
+    rotated q: q itself, or q_out where given (q is then left as it was). Writing q out costs
+    the same as in place, and hands attention a packed q (q from the qkv output is strided).
 
     q: [T, H, D], k, v: [T, KH, D] with heads and dims contiguous (views of the qkv output are);
-    kv_cache: [num_blocks, 2, block_size, KH, D] contiguous.
+    q_out: like q; kv_cache: [num_blocks, 2, block_size, KH, D] contiguous.
     """
     n_tok, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
+    q_out = q if q_out is None else q_out
     if n_tok == 0:
-        return
-    for t in (q, k, v):
+        return q_out
+    for t in (q, k, v, q_out):
         assert t.stride(2) == 1 and t.stride(1) == head_dim, "heads and dims must be packed"
-    assert kv_cache.is_contiguous() and cos.stride(1) == 1
+    assert q_out.shape == q.shape and kv_cache.is_contiguous() and cos.stride(1) == 1
     _rotary_cache_kernel[(n_tok,)](
-        q, k, v, positions, cos, sin, kv_cache, slot_mapping, n_heads, n_kv,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), kv_cache.shape[2],
+        q, k, v, q_out, positions, cos, sin, kv_cache, slot_mapping, n_heads, n_kv,
+        q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), cos.stride(0), kv_cache.shape[2],
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_heads),
         BLOCK_KH=triton.next_power_of_2(n_kv), num_warps=4)
+    return q_out

@@ -168,16 +168,18 @@ class HybridGraphs:
         """Graph k's work on the first `tokens` rows of the static buffers."""
         m, meta = self.model, self._metas[tokens]
         positions = self.positions[:tokens]
+        # The residual stream is updated in place in its static buffer, and q is written
+        # straight into its own: no copies between pieces.
+        residual = self.residual[:tokens]
         if k == 0:
-            x, residual = m.embed_tokens(self.input_ids[:tokens]), None
+            x = m.embed_tokens(self.input_ids[:tokens])
         else:
-            x, residual = m.layers[k - 1].end(self.attn[:tokens], self.residual[:tokens])
+            x, _ = m.layers[k - 1].end(self.attn[:tokens], residual, residual_out=residual)
         if k == len(m.layers):
-            self.hidden[:tokens].copy_(x + residual)
+            torch.add(x, residual, out=self.hidden[:tokens])
             return
-        q, residual = m.layers[k].begin(x, residual, positions, m.rotary, self.kv_caches[k], meta)
-        self.q[:tokens].copy_(q)
-        self.residual[:tokens].copy_(residual)
+        m.layers[k].begin(x, residual if k else None, positions, m.rotary, self.kv_caches[k], meta,
+                          residual_out=residual, q_out=self.q[:tokens])
 
     def capture(self) -> None:
         """Largest bucket first, every piece in order, all in one pool. Slots are -1 meanwhile,
@@ -220,9 +222,9 @@ class HybridGraphs:
         layers = self.model.layers
         graphs = self.graphs.get(padded) if self.capture_graphs else None
         for k in range(len(layers) + 1):
-            if k > 0:
-                out = layers[k - 1].attn.attend(self.q[:tokens], self.kv_caches[k - 1], meta)
-                self.attn[:tokens].copy_(out.view(tokens, *self.attn.shape[1:]))
+            if k > 0:  # straight into the static buffer the next graph reads
+                layers[k - 1].attn.attend(self.q[:tokens], self.kv_caches[k - 1], meta,
+                                          out=self.attn[:tokens])
             if graphs is not None:
                 graphs[k].replay()
             else:

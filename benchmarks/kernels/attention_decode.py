@@ -33,8 +33,9 @@ class FixedSplits(TritonAttention):
         super().__init__()
         self.splits = splits
 
-    def forward(self, q, kv_cache, meta, scale):
-        return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale, splits=self.splits)
+    def forward(self, q, kv_cache, meta, scale, out=None):
+        return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale, splits=self.splits,
+                            out=out)
 
 
 def variants(sweep: list[int]):

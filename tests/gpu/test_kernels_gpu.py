@@ -37,6 +37,18 @@ def test_fused_add_rmsnorm(dtype, rows, cols, with_residual):
     assert rel_err(total, ref_total) < TOL[dtype]
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_add_rmsnorm_writes_the_sum_into_residual_out_even_in_place(with_residual):
+    x = torch.randn(37, 4096, device=DEV, dtype=torch.bfloat16)
+    res = torch.randn(37, 4096, device=DEV, dtype=torch.bfloat16) if with_residual else None
+    w = torch.randn(4096, device=DEV, dtype=torch.bfloat16)
+    ref_out, ref_total = fused_add_rmsnorm(x, res, w, 1e-5)
+    target = res if res is not None else torch.zeros_like(x)  # in place over the residual
+    out, total = fused_add_rmsnorm(x, None if res is None else res, w, 1e-5, residual_out=target)
+    assert total.data_ptr() == target.data_ptr()
+    assert torch.equal(out, ref_out) and torch.equal(target, ref_total)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 6144, 4096), (3, 1000, 4096), (8, 4096, 14336),
                                       (16, 515, 300), (2, 49152, 576)])
@@ -101,6 +113,24 @@ def test_rotary_and_cache_matches_rotary_then_write(dtype, tokens, heads, kv_hea
     flat = cache.transpose(1, 2).reshape(64 * 16, -1)
     ref_flat = ref_cache.transpose(1, 2).reshape(64 * 16, -1)
     assert torch.equal(flat[untouched].double(), ref_flat[untouched])
+
+
+def test_rotary_and_cache_writes_q_into_q_out_and_leaves_q():
+    tokens, heads, kv_heads, head_dim = 65, 32, 8, 128
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in
+               qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    emb = torch.randn(4096, head_dim, device=DEV)
+    cos, sin = emb.cos(), emb.sin()
+    positions = torch.randint(0, 4096, (tokens,), device=DEV)
+    slots = torch.randperm(64 * 16, device=DEV)[:tokens]
+    caches = [torch.zeros(64, 2, 16, kv_heads, head_dim, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+    q_before, k2, v2 = q.clone(), k.clone(), v.clone()
+    q_out = torch.empty(tokens, heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    got = rotary_and_cache_(q, k, v, positions, cos, sin, caches[0], slots, q_out=q_out)
+    assert got.data_ptr() == q_out.data_ptr() and torch.equal(q, q_before)
+    q_ref = rotary_and_cache_(q_before.clone(), k2, v2, positions, cos, sin, caches[1], slots)
+    assert torch.equal(q_out, q_ref) and torch.equal(caches[0], caches[1])
 
 
 @pytest.mark.parametrize("tokens", [1, 37, 300])

@@ -67,8 +67,9 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        """q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim], causal per sequence."""
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim], causal per sequence.
+        out: a contiguous tensor of q's shape to write into (a graph's static buffer), or None."""
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -187,15 +187,16 @@ class FlashInferAttention(AttentionBackend):
         write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         if q.stride(-2) != q.shape[-1] or q.stride(0) != q.shape[1] * q.shape[2]:
             q = q.contiguous()  # the kernels take q packed
         if self._split_decode:
-            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
+            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale, out=out)
         d = self._hybrid_decodes
         if not d:
-            return self.active.run(q, kv_cache)
-        out = torch.empty_like(q)
+            return self.active.run(q, kv_cache, out=out)
+        if out is None:
+            out = torch.empty_like(q)
         if self._hybrid_split:
             paged_decode(q[:d], kv_cache, meta.block_tables[:d], meta.context_lens[:d], scale,
                          out=out[:d])

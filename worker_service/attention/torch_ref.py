@@ -19,9 +19,9 @@ class TorchAttention(AttentionBackend):
         flat[blocks, 1, offsets] = v
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         block_size = meta.block_size
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         starts = meta.query_start_host
         for i, ctx in enumerate(meta.context_lens_host):
             q_i = q[starts[i]:starts[i + 1]]

@@ -25,8 +25,8 @@ class TritonAttention(AttentionBackend):
         write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         if meta.num_decode_only:
-            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale)
+            return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale, out=out)
         return paged_attention(q, kv_cache, meta.block_tables, meta.query_start, meta.context_lens,
-                               scale, self._max_query_len)
+                               scale, self._max_query_len, out=out)

@@ -43,15 +43,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual); a None residual counts as zero."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); a None residual counts as zero.
+        residual_out: where x + residual is written (residual itself may be given), or None."""
         if x.is_cuda:
             from kernels.norm import fused_add_rmsnorm
 
-            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps, residual_out)
         if residual is not None:
             x = x + residual
+        if residual_out is not None:
+            x = residual_out.copy_(x)
         return self._norm(x), x
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +137,10 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q/k/v projection and rotary; stores k, v in the cache. -> q [tokens, heads, head_dim].
+                kv_cache: torch.Tensor, meta: AttentionMetadata, q_out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """q/k/v projection and rotary; stores k, v in the cache. -> q [tokens, heads, head_dim],
+        packed, in q_out where given (a graph's static buffer).
         Reads only meta.slot_mapping, so it can run inside a CUDA graph of fixed token count."""
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
@@ -146,16 +151,20 @@ class Attention(nn.Module):
         if q.is_cuda and self.backend.writes_kv_by_slot:
             from kernels.rotary import rotary_and_cache_
 
-            # One launch rotates q and k in place and stores k, v in the cache.
-            rotary_and_cache_(q, k, v, positions, rotary.cos, rotary.sin, kv_cache, meta.slot_mapping)
-        else:
-            q, k = rotary(q, k, positions)
-            self.backend.write_kv(kv_cache, k, v, meta)
-        return q
+            # One launch rotates q (into a packed tensor: attention takes q packed) and k, and
+            # stores k, v in the cache.
+            packed = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
+            return rotary_and_cache_(q, k, v, positions, rotary.cos, rotary.sin, kv_cache,
+                                     meta.slot_mapping, q_out=packed)
+        q, k = rotary(q, k, positions)
+        self.backend.write_kv(kv_cache, k, v, meta)
+        return q if q_out is None else q_out.copy_(q)
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The paged attention itself: the only part that reads the iteration's batch layout."""
-        return self.backend.forward(q, kv_cache, meta, self.scale)
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The paged attention itself: the only part that reads the iteration's batch layout.
+        out: where to write it (e.g. a graph's static buffer), or None for a new tensor."""
+        return self.backend.forward(q, kv_cache, meta, self.scale, out=out)
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attn.reshape(attn.shape[0], -1))
@@ -197,15 +206,19 @@ class DecoderLayer(nn.Module):
         return self.end(self.attn.attend(q, kv_cache, meta), residual)
 
     def begin(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-              rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata
+              rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata,
+              residual_out: torch.Tensor | None = None, q_out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to attention: (input delta, residual) -> (q, residual)."""
-        h, residual = self.input_norm(x, residual)
-        return self.attn.project(h, positions, rotary, kv_cache, meta), residual
+        """Up to attention: (input delta, residual) -> (q, residual); the outputs written into
+        residual_out and q_out where given (static buffers of piecewise graphs)."""
+        h, residual = self.input_norm(x, residual, residual_out)
+        return self.attn.project(h, positions, rotary, kv_cache, meta, q_out), residual
 
-    def end(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """From attention's output: -> (this layer's output delta, residual)."""
-        h, residual = self.post_attn_norm(self.attn.output(attn), residual)
+    def end(self, attn: torch.Tensor, residual: torch.Tensor, residual_out: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From attention's output: -> (this layer's output delta, residual), the residual in
+        residual_out where given."""
+        h, residual = self.post_attn_norm(self.attn.output(attn), residual, residual_out)
         return self.mlp(h), residual
 
 
