@@ -95,13 +95,19 @@ def _sm_count(index: int) -> int:
 
 
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Ranges per (sequence, KV head): about four programs per SM in all, at most MAX_SPLITS,
-    and one range once the batch alone gives that many. It depends on the batch size alone, so
-    a graph can fix it. On an H200 with Llama-3-8B's 8 KV heads this picks 16 ranges at batch 1,
-    8 at batch 8 and 1 from batch 64, the best of 1/4/8/16/32 at each of those sizes
-    (benchmarks/kernels/attention_decode.py)."""
+    """Ranges per (sequence, KV head): about four programs per SM in all, rounded down to a power
+    of two, at most MAX_SPLITS, and one range once the batch alone gives that many. It depends
+    on the batch size alone, so a graph can fix it. On an H200 with Llama-3-8B's 8 KV heads this
+    picks 16 ranges at batch 1, 8 at batch 8 and 1 from batch 64, the best of 1/4/8/16/32 at
+    each of those sizes (benchmarks/kernels/attention_decode.py).
+
+    Powers of two because the split count is a compile-time constant: every other count is a
+    Triton compile (~0.5 s) the first time a batch of that size runs, which a served hybrid
+    iteration's few decodes (any count up to 16) hit mid-stream; the decode graphs' batch sizes
+    1, 2, 4, 8, 16 compile every power of two in between when they are captured."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 64
-    return max(1, min(MAX_SPLITS, 4 * sms // (batch * kv_heads)))
+    fit = max(1, min(MAX_SPLITS, 4 * sms // (batch * kv_heads)))
+    return 1 << (fit.bit_length() - 1)
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -10,7 +10,7 @@ from kernels.gemv import gemv, linear_ref
 from kernels.kv_write import write_kv, write_kv_ref
 from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 from kernels.paged_attention import paged_attention
-from kernels.paged_decode import paged_decode
+from kernels.paged_decode import num_splits, paged_decode
 from kernels.rotary import rotary_, rotary_and_cache_, rotary_ref
 from worker_service.attention import AttentionMetadata
 
@@ -200,6 +200,15 @@ def test_paged_attention(dtype, heads, kv_heads, head_dim, batch, block_size):
 
 
 DECODE_CONTEXTS = [[1], [1000], [17, 1, 300, 64, 1000, 2049, 5]]
+
+
+
+def test_decode_split_counts_are_powers_of_two_that_the_graph_batch_sizes_already_compile():
+    """A hybrid iteration's decodes (any count up to 16) must find their split count compiled
+    by the decode graphs (batches 1, 2, 4, 8, 16), or the first such step stalls on a compile."""
+    counts = {b: num_splits(b, 8, DEV) for b in range(1, 257)}
+    assert all(c & (c - 1) == 0 for c in counts.values())
+    assert {counts[b] for b in range(1, 17)} == {counts[b] for b in (1, 2, 4, 8, 16)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
