@@ -6,6 +6,9 @@
 #   1) carry .vca             bash benchmarks/device/peer_sitting.sh unpack
 #   2) carry .vcb .whl        bash benchmarks/device/peer_sitting.sh ours
 #   3) carry .vcc             bash benchmarks/device/peer_sitting.sh vllm
+# or, offline throughput alone (acceptance 2), at vLLM's cap of 256 sequences per step and at 512:
+#   1) carry .vca .fi_cache   unpack;  2) carry .vcb .whl  ours-offline;  3) carry .vcc  vllm-offline
+#   (TESTS_LIMIT_S=N: then tests/gpu for N seconds); each leaves one .tgz of its results in $OUT.
 # (the folders do not fit one 64 MiB carry together). `ours` runs our SLO-driven budget's
 # capacity search (from OURS_RATE req/s) and our static-2048 offline throughput; `vllm` measures
 # vLLM's decode step (the SLO anchor), then its offline throughput and capacity at budgets 2048
@@ -22,8 +25,31 @@ export OUT=${OUT:-/tmp/out}
 vsite=${VLLM_SITE:-/tmp/vllm}
 session=benchmarks/device/gpu_session.sh
 case ${1:-} in
-    unpack)
-        mkdir -p "$vsite" && tar -xJf .vca/v_c.tar.xz -C "$vsite" && du -sh "$vsite" ;;
+    unpack)  # FlashInfer's cache too, where carried: the later calls have no room for it
+        mkdir -p "$vsite" && tar -xJf .vca/v_c.tar.xz -C "$vsite" && du -sh "$vsite"
+        [ -f .fi_cache/fi.tgz ] && mkdir -p ~/.cache && tar xzf .fi_cache/fi.tgz -C ~/.cache ;;
+    ours-offline)  # our offline throughput at each of OFFLINE_SEQS (caps on sequences per step)
+        mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
+        seqs_list=${OFFLINE_SEQS:-256 512}
+        for seqs in $seqs_list; do
+            OUT=$OUT/ours-$seqs PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=${PEER_SLO_MS:-45.8} \
+                PEER_ARGS="--skip-capacity --vllm-max-num-seqs $seqs" PEER_LIMIT_S=150 PEER_SYSTEM_LIMIT_S=150 \
+                bash $session peer 2>&1 | grep -E "offline|server up|Error|error" | tail -6
+            tail -3 "$OUT/ours-$seqs/peer/server-sarathi_2048.log"
+        done
+        mv "$OUT/ours-${seqs_list##* }/fi.tgz" "$OUT/fi.tgz"; rm -f "$OUT"/ours-*/fi.tgz "$OUT"/ours-*/peer/*.png
+        tar czf "$OUT/ours-offline.tgz" -C "$OUT" $(cd "$OUT" && ls -d ours-*) && rm -rf "$OUT"/ours-*/ ;;
+    vllm-offline)  # vLLM's offline throughput at each of OFFLINE_SEQS, then the GPU tests
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" .vcc/*.whl 2>&1 \
+            | grep -v "^WARNING: Target directory"
+        for seqs in ${OFFLINE_SEQS:-256 512}; do
+            OUT=$OUT/vllm-$seqs PEER_SYSTEMS=vllm:2048 PEER_SLO_MS=${PEER_SLO_MS:-45.8} \
+                PEER_ARGS="--skip-capacity --vllm-max-num-seqs $seqs" PEER_LIMIT_S=170 PEER_SYSTEM_LIMIT_S=170 \
+                bash $session peer 2>&1 | grep -E "offline|up in|Error|error" | tail -6
+        done
+        rm -f "$OUT"/vllm-*/fi.tgz "$OUT"/vllm-*/peer/*.png
+        tar czf "$OUT/vllm-offline.tgz" -C "$OUT" $(cd "$OUT" && ls -d vllm-*) && rm -rf "$OUT"/vllm-*/
+        [ -n "${TESTS_LIMIT_S:-}" ] && PART_LIMIT_S=$TESTS_LIMIT_S bash $session tests 2>&1 | tail -25 ;;
     ours)
         mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
         slo=${PEER_SLO_MS:-45.8}
@@ -59,5 +85,5 @@ case ${1:-} in
         PART_LIMIT_S=${TESTS_LIMIT_S:-90} TEST_K="not test_kernels_gpu" bash $session tests 2>&1 | tail -25
         grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/gpu_tests.log" | tail -30
         nvidia-smi --query-compute-apps=pid,used_memory --format=csv; rm -f "$OUT"/ours-*/fi.tgz ;;
-    *) echo "usage: $0 unpack|ours|vllm|more|probe"; exit 2 ;;
+    *) echo "usage: $0 unpack|ours|vllm|ours-offline|vllm-offline|more|probe"; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ capacity_run.policy_probe itself."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from rich.console import Console
@@ -18,6 +19,7 @@ from benchmarks.serving.bench import run_bench, warm_up
 from benchmarks.serving.capacity_run import policy_probe
 from benchmarks.serving.cli_common import Endpoint
 from benchmarks.serving.client import ClientOptions
+from benchmarks.serving.iteration_trace import as_rows, iterations_since, last_step_id
 from benchmarks.serving.report import file_stem
 from benchmarks.serving.server_process import LocalServer, ServerLaunch, sarathi_command
 
@@ -71,6 +73,7 @@ async def run_ours_system(
         options = ClientOptions(seed=plan.workload.seed)
         await warm_up(server.address, plan.warmup_requests, options)
         if plan.offline is not None:
+            first_step = await last_step_id(server.address)
             run = await run_bench(
                 server.address, offline_specs(plan.offline), f"{entry.label} offline", options,
                 console=console, show_progress=plan.show_progress,
@@ -79,6 +82,10 @@ async def run_ours_system(
                 run.summary, plan.offline.prompt_tokens, plan.offline.output_tokens
             )
             console.print(f"  {entry.label}: offline {result.offline.output_tokens_per_s:,.0f} output tok/s")
+            if first_step is not None:  # the scheduler's own account of the run, iteration by iteration
+                rows = as_rows(await iterations_since(server.address, first_step))
+                path = plan.out_dir / f"{file_stem(entry.label)}_offline_iterations.json"
+                path.write_text(json.dumps(rows) + "\n")
         if plan.search is None:
             return
         if anchor.p99_tbt_s is None:
