@@ -24,49 +24,32 @@ set -uo pipefail
 export OUT=${OUT:-/tmp/out}
 vsite=${VLLM_SITE:-/tmp/vllm}
 session=benchmarks/device/gpu_session.sh
+offline_runs() {  # $1: ours|vllm, $2: the system, $3: seconds per run; one .tgz of all in $OUT
+    local name=$1 system=$2 limit=$3 seqs_list=${OFFLINE_SEQS:-256 512} seqs
+    for seqs in $seqs_list; do
+        OUT=$OUT/$name-$seqs PEER_SYSTEMS=$system PEER_SLO_MS=${PEER_SLO_MS:-45.8} \
+            PEER_ARGS="--skip-capacity --vllm-max-num-seqs $seqs" PEER_LIMIT_S=$limit \
+            PEER_SYSTEM_LIMIT_S=$limit bash $session peer 2>&1 | grep -E "offline|up in|Error|error" | tail -6
+        tail -3 "$OUT/$name-$seqs"/peer/server-*.log 2>/dev/null   # ours only: its server's log
+    done
+    # The last run's FlashInfer cache is the fullest (vLLM's runs compile none of ours).
+    [ "$name" = ours ] && mv "$OUT/$name-${seqs_list##* }/fi.tgz" "$OUT/fi.tgz"
+    rm -f "$OUT/$name"-*/fi.tgz "$OUT/$name"-*/peer/*.png
+    tar czf "$OUT/$name-offline.tgz" -C "$OUT" $(cd "$OUT" && ls -d "$name"-*/) && rm -rf "$OUT/$name"-*/
+}
 case ${1:-} in
     unpack)  # FlashInfer's cache too, where carried: the later calls have no room for it
         mkdir -p "$vsite" && tar -xJf .vca/v_c.tar.xz -C "$vsite" && du -sh "$vsite"
         [ -f .fi_cache/fi.tgz ] && mkdir -p ~/.cache && tar xzf .fi_cache/fi.tgz -C ~/.cache ;;
     ours-offline)  # our offline throughput at each of OFFLINE_SEQS (caps on sequences per step)
         mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
-        seqs_list=${OFFLINE_SEQS:-256 512}
-        for seqs in $seqs_list; do
-            OUT=$OUT/ours-$seqs PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=${PEER_SLO_MS:-45.8} \
-                PEER_ARGS="--skip-capacity --vllm-max-num-seqs $seqs" PEER_LIMIT_S=150 PEER_SYSTEM_LIMIT_S=150 \
-                bash $session peer 2>&1 | grep -E "offline|server up|Error|error" | tail -6
-            tail -3 "$OUT/ours-$seqs/peer/server-sarathi_2048.log"
-        done
-        mv "$OUT/ours-${seqs_list##* }/fi.tgz" "$OUT/fi.tgz"; rm -f "$OUT"/ours-*/fi.tgz "$OUT"/ours-*/peer/*.png
-        tar czf "$OUT/ours-offline.tgz" -C "$OUT" $(cd "$OUT" && ls -d ours-*) && rm -rf "$OUT"/ours-*/ ;;
+        # ~170 s per run on an H200 (start, warm-up, 27 s of requests): 150 s cut one short.
+        offline_runs ours sarathi:2048 200 ;;
     vllm-offline)  # vLLM's offline throughput at each of OFFLINE_SEQS, then the GPU tests
         python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" .vcc/*.whl 2>&1 \
             | grep -v "^WARNING: Target directory"
-        for seqs in ${OFFLINE_SEQS:-256 512}; do
-            OUT=$OUT/vllm-$seqs PEER_SYSTEMS=vllm:2048 PEER_SLO_MS=${PEER_SLO_MS:-45.8} \
-                PEER_ARGS="--skip-capacity --vllm-max-num-seqs $seqs" PEER_LIMIT_S=170 PEER_SYSTEM_LIMIT_S=170 \
-                bash $session peer 2>&1 | grep -E "offline|up in|Error|error" | tail -6
-        done
-        rm -f "$OUT"/vllm-*/fi.tgz "$OUT"/vllm-*/peer/*.png
-        tar czf "$OUT/vllm-offline.tgz" -C "$OUT" $(cd "$OUT" && ls -d vllm-*) && rm -rf "$OUT"/vllm-*/
+        offline_runs vllm vllm:2048 200
         [ -n "${TESTS_LIMIT_S:-}" ] && PART_LIMIT_S=$TESTS_LIMIT_S bash $session tests 2>&1 | tail -25 ;;
-    ours)
-        mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
-        slo=${PEER_SLO_MS:-45.8}
-        OUT=$OUT/ours-slo PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=$slo PEER_ARGS=--skip-offline \
-            PEER_RATE=${OURS_RATE:-10} PEER_PROBES=${OURS_PROBES:-3} PEER_LIMIT_S=${OURS_SLO_LIMIT_S:-340} \
-            PEER_SYSTEM_LIMIT_S=${OURS_SLO_LIMIT_S:-340} bash $session peer
-        OUT=$OUT/ours-offline PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=$slo PEER_ARGS=--skip-capacity \
-            PEER_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} PEER_SYSTEM_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} \
-            bash $session peer
-        rm -f "$OUT/ours-slo/fi.tgz" ;;  # the second part's copy is the fuller one
-    vllm)
-        python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" .vcc/*.whl 2>&1 \
-            | grep -v "^WARNING: Target directory"
-        OUT=$OUT/vllm PEER_SYSTEMS=${VLLM_SYSTEMS:-vllm:2048,vllm:512} PEER_RATE=${VLLM_RATE:-4} \
-            PEER_PROBES=${VLLM_PROBES:-3} PEER_LIMIT_S=${VLLM_LIMIT_S:-560} \
-            PEER_SYSTEM_LIMIT_S=${VLLM_SYSTEM_LIMIT_S:-275} bash $session peer
-        rm -f "$OUT/vllm/fi.tgz" ;;  # vLLM's run compiles none of ours
     more)
         slo=${PEER_SLO_MS:-45.8}
         OUT=$OUT/ours-512 PEER_SYSTEMS=sarathi:512 PEER_SLO_MS=$slo PEER_ARGS=--skip-offline PEER_RATE=6 \
