@@ -59,7 +59,7 @@ class Replica:
         busy = frozenset(s for f in self.in_flight for s in f.record.seq_ids) if self.pipelined \
             else frozenset()
         start = time.monotonic()
-        plan = sched.schedule(busy)
+        plan = sched.schedule(busy, self.depth if self.pipelined else 1)
         if plan.is_empty:
             return None
         scheduled = time.monotonic()

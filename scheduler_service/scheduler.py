@@ -63,10 +63,13 @@ class Scheduler:
         self._finish(request, FinishReason.ABORT)
         return True
 
-    def schedule(self, busy: frozenset[int] = frozenset()) -> BatchPlan:
+    def schedule(self, busy: frozenset[int] = frozenset(), stages: int = 1) -> BatchPlan:
         """busy: sequences in micro-batches still in flight in a pipeline; they are neither
-        scheduled nor preempted (a sequence is never in two micro-batches)."""
-        out = self._schedule_around(busy) if busy else self.policy.schedule(self.state)
+        scheduled nor preempted (a sequence is never in two micro-batches). stages: a pipeline's
+        stage count; each micro-batch takes at most its share of the running sequences, so
+        that the next one has sequences to run while this one is in flight."""
+        out = self._schedule_around(busy, stages) if busy or stages > 1 \
+            else self.policy.schedule(self.state)
         self.last_schedule = out
         plan = BatchPlan(step_id=self._next_step_id, dropped_seq_ids=self._pending_drops)
         # The shape before the computed counts advance below; swaps add copies the model does
@@ -108,14 +111,18 @@ class Scheduler:
                 req.first_scheduled_time = now
         return plan
 
-    def _schedule_around(self, busy: frozenset[int]):
-        """Runs the policy on a view of the state without the busy sequences, then puts them
-        back in their admission order (ahead of anything admitted now)."""
+    def _schedule_around(self, busy: frozenset[int], stages: int):
+        """Runs the policy on a view of the state without the busy sequences (and, in a
+        pipeline, without those past this micro-batch's share), then puts them back in their
+        admission order (ahead of anything admitted now)."""
         running = self.state.running
-        view = replace(self.state, running=[r for r in running if r.seq_id not in busy])
+        share = -(-len(running) // stages)  # ceil: P micro-batches of near-equal size
+        offered = [r for r in running if r.seq_id not in busy][:share]
+        held = {id(r) for r in running} - {id(r) for r in offered}
+        view = replace(self.state, running=offered)
         out = self.policy.schedule(view)
         kept = {id(r) for r in view.running}
-        self.state.running = [r for r in running if r.seq_id in busy or id(r) in kept] + \
+        self.state.running = [r for r in running if id(r) in held or id(r) in kept] + \
             [r for r in view.running if all(r is not old for old in running)]
         return out
 

@@ -42,4 +42,5 @@ def test_pipeline_of_two_stages_runs_two_disjoint_micro_batches_with_exact_token
             shared = set(a.decode_seq_ids) | set(a.prefill_seq_ids)
             assert not shared & (set(b.decode_seq_ids) | set(b.prefill_seq_ids)), \
                 f"steps {a.step_id} and {b.step_id} share a sequence"
+    print(f"{overlapping} of {len(trace)} steps overlapped")
     assert overlapping >= len(trace) // 3, f"only {overlapping} of {len(trace)} steps overlapped"
