@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
 
         return (bench_cli.main_bench if argv[0] == "bench" else bench_cli.main_capacity)(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # torch logs cache statistics at INFO when the process exits: noise after serve's last line.
+    logging.getLogger("torch").setLevel(logging.WARNING)
     parser = build_parser()
     args = settle(parser.parse_args(argv))   # flags, then $SARATHI_*, then --config's YAML
     if args.command == "serve" and args.replicas < 1:

@@ -13,8 +13,8 @@ import sys
 import tempfile
 import time
 
+from sarathi.children import Children, ChildSpec
 from sarathi.client import Client, wait_serving
-from sarathi_common.lifecycle import dies_with_this_process
 from sarathi_common.net import free_port
 from sarathi_common.options import to_flags, without_option_variables
 from scheduler_service.config import SchedulerConfig
@@ -94,29 +94,33 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int |
     workers = [dataclasses.replace(worker, port=port) for port in ports]
     scheduler, socket_folder = with_gateway_socket(scheduler, http_port)
     # One process per replica; a replica's rank 0 starts its other ranks (they die with it).
-    children = [subprocess.Popen(worker_command(w), env=env, preexec_fn=dies_with_this_process())
-                for w, env in zip(workers, replica_environments(worker, replicas), strict=True)]
+    specs = [ChildSpec(f"the worker of replica {i}" if replicas > 1 else "the worker",
+                       worker_command(w), env, w.host, w.port)
+             for i, (w, env) in enumerate(zip(workers, replica_environments(worker, replicas),
+                                                strict=True), start=1)]
     if http_port is not None:
-        children.append(subprocess.Popen(gateway_command(scheduler, http_port), env=child_environment(),
-                                         preexec_fn=dies_with_this_process()))
-
-    def stop_children() -> None:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-
+        gateway_host = "127.0.0.1" if scheduler.host in ("0.0.0.0", "", "::", "[::]") else scheduler.host
+        specs.append(ChildSpec("the gateway", gateway_command(scheduler, http_port),
+                               child_environment(), gateway_host, http_port))
+    # Until the scheduler's own handlers are in place, SIGTERM (from a user, or from Children on
+    # a child that cannot start) must still end serve through the cleanup below.
+    signal.signal(signal.SIGTERM, _interrupt)
+    children = Children(specs)
     # SIGTERM and SIGINT reach the scheduler's own handlers: it drains, then the children stop.
     try:
         run_scheduler(dataclasses.replace(scheduler, worker=",".join(f"{w.host}:{w.port}" for w in workers)))
+    except KeyboardInterrupt:
+        pass
     finally:
-        stop_children()
+        children.stop()
         if socket_folder:
             shutil.rmtree(socket_folder, ignore_errors=True)
+    if children.failure:
+        raise SystemExit(children.failure)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_demo(prompt: str, max_tokens: int, model: str | None) -> None:

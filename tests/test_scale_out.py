@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psutil
 import pytest
+import torch
 from conftest import ROOT, greedy_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -311,3 +312,64 @@ def test_serve_runs_data_parallel_replicas_under_one_scheduler():
     finally:
         stop(serve, signal.SIGTERM)
     assert serve.returncode == 0
+
+
+def worker_child(serve: subprocess.Popen, timeout: float = 60) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = [p for p in psutil.Process(serve.pid).children()
+                   if "worker_service" in " ".join(p.cmdline())]
+        if workers or time.monotonic() > deadline:
+            assert len(workers) == 1, [p.cmdline() for p in psutil.Process(serve.pid).children()]
+            return workers[0]
+        time.sleep(0.1)
+
+
+def test_serve_starts_its_worker_again_after_kill_9_and_the_streams_finish_exactly():
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    serve = spawn("serve", "--port", str(port), "--chunk-size", "64", *WORKER)
+    try:
+        wait_serving(address, timeout=180)
+        reference = undisturbed(address, PROMPTS[:4])
+        first = worker_child(serve)
+        streams = Streams(address, PROMPTS[:4])
+        streams.wait_tokens(4)
+        first.kill()
+        assert streams.results() == reference
+        assert worker_child(serve).pid != first.pid
+        assert serve.poll() is None
+    finally:
+        stop(serve, signal.SIGTERM)
+    assert serve.returncode == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_whose_worker_cannot_start_exits_1_with_one_line(tmp_path):
+    # A worker flag this machine cannot honour; the scheduler itself starts fine.
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(free_port()),
+                                  "--model", "dummy:tiny", "--device", "cuda", *WORKER],
+                                 cwd=ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert serve.wait(120) == 1
+        finally:
+            stop(serve)
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    assert "worker: --device cuda, but torch" in text   # the worker's own reason
+    assert last.startswith("serve: the worker exited with code 1 before it listened on 127.0.0.1:"), last
+
+
+def test_serve_stops_with_exit_0_when_its_worker_is_stopped_on_purpose():
+    port = free_port()
+    serve = spawn("serve", "--port", str(port), "--chunk-size", "64", *WORKER)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=180)
+        worker = worker_child(serve)
+        worker.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+        assert not worker.is_running()
+    finally:
+        stop(serve)

@@ -19,6 +19,9 @@ def run_worker(config: WorkerConfig) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"worker: --device {config.device}, but torch {torch.__version__} finds no CUDA "
+                         "device here; pass --device cpu")
     dtype = getattr(torch, config.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     source = resolve(config.model)
     if config.world_size > 1:
