@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 
 log = logging.getLogger("sarathi.serve")
 
@@ -82,7 +82,7 @@ class Children:
 
     @staticmethod
     def _start(spec: ChildSpec) -> subprocess.Popen:
-        return subprocess.Popen(spec.command, env=spec.env, preexec_fn=dies_with_this_process())
+        return popen_tied(spec.command, env=spec.env)
 
     def _watch(self) -> None:
         while not self._stopping.wait(POLL_S):

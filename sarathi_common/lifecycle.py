@@ -13,8 +13,8 @@ import functools
 import logging
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,13 +36,19 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def dies_with_this_process() -> Callable[[], None]:
-    """A Popen preexec_fn that ties the child to the calling process. libc is loaded here, in
-    the parent: the child of a threaded process, between fork and exec, must not start
-    processes or take locks another thread may have held (it could wait for ever)."""
-    if sys.platform.startswith("linux"):
-        _libc()
-    return functools.partial(exit_with_parent, os.getpid())
+def tied_to_this_process(command: list[str]) -> list[str]:
+    """`command`, run so that it gets SIGTERM when this process (strictly: the calling thread)
+    dies: a short-lived Python asks for that (prctl), then execs `command`, keeping its pid.
+    Not a Popen preexec_fn: that makes Popen fork() rather than vfork(), and fork() runs gRPC's
+    fork handlers, which were seen to hang for good with gRPC threads busy in this process."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-m", "sarathi_common.tied", str(os.getpid()), *command]
+
+
+def popen_tied(command: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen of `command`, tied to this process (see tied_to_this_process)."""
+    return subprocess.Popen(tied_to_this_process(command), **kwargs)
 
 
 def exit_now(code: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from protos import generation_pb2, generation_pb2_grpc
 from sarathi.client import wait_serving
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def start_server(*args: str, timeout: float = 300) -> RunningServer:
            "--metrics-port", str(metrics_port), "--threads", "2", "--cpu-cache-gib", "0.25", *args]
     # Its own process group (stop() signals it whole), and it dies with pytest even if pytest is
     # killed before teardown.
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, preexec_fn=dies_with_this_process())
+    proc = popen_tied(cmd, cwd=ROOT, start_new_session=True)
     server = RunningServer(f"127.0.0.1:{port}", metrics_port, proc)
     try:
         wait_serving(server.address, timeout, proc)
@@ -118,7 +118,7 @@ def start_gateway(upstream: str, *args: str, api_key: str | None = None,
     if api_key is not None:
         env["SARATHI_API_KEY"] = api_key
     cmd = [sys.executable, "-m", "sarathi.cli", "gateway", "--upstream", upstream, "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=dies_with_this_process())
+    proc = popen_tied(cmd, cwd=ROOT, env=env)
     gateway = RunningGateway(port, proc)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout, proc)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2_grpc
 from sarathi.client import TLS, Client, Unauthenticated
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 TOKEN = "s3cret-token-for-tests"
@@ -52,8 +52,8 @@ def secure_server(certs) -> Iterator[str]:
            "--cpu-cache-gib", "0.25", "--chunk-size", "64", "--token-file", str(certs / "token"),
            "--tls-cert-file", str(certs / "server.pem"), "--tls-key-file", str(certs / "server.key"),
            "--tls-client-ca-file", str(certs / "ca.pem")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, preexec_fn=dies_with_this_process(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = popen_tied(cmd, cwd=ROOT, start_new_session=True,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"
     try:
         with grpc.secure_channel(address, credentials(certs)) as channel:

@@ -22,7 +22,7 @@ from sarathi.client import (
     SarathiError,
     Unavailable,
 )
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 PROMPT = "The capital of France is"
@@ -99,8 +99,7 @@ def test_retry_gets_a_request_through_a_scheduler_that_comes_up_late():
     serve = [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port), "--threads", "2",
              "--cpu-cache-gib", "0.25"]
     # Started from this thread (the child dies with the thread that started it), 3 s late.
-    late = subprocess.Popen(["sh", "-c", 'sleep 3 && exec "$@"', "sh", *serve], cwd=ROOT,
-                            preexec_fn=dies_with_this_process())
+    late = popen_tied(["sh", "-c", 'sleep 3 && exec "$@"', "sh", *serve], cwd=ROOT)
     start = time.monotonic()
     try:
         with Client(f"127.0.0.1:{port}", retry=Retry(attempts=300, initial_backoff=0.2, max_backoff=1.0),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_dev_certs, wait_for
 
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,12 @@ def tls_serve(tmp_path_factory) -> Iterator[tuple[int, str, subprocess.Popen]]:
     os.chmod(folder, 0o700)
     sock = str(folder / "api.sock")
     port = free_port()
-    proc = subprocess.Popen(
+    proc = popen_tied(
         [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port), "--threads", "2",
          "--cpu-cache-gib", "0.25", "--chunk-size", "64", "--local-socket", sock,
          "--tls-cert-file", str(certs / "server.pem"), "--tls-key-file", str(certs / "server.key"),
          "--tls-client-ca-file", str(certs / "ca.pem")],
-        cwd=ROOT, start_new_session=True, preexec_fn=dies_with_this_process(),
+        cwd=ROOT, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: proc.poll() is None and probe("--ready", "--socket", sock) == 0, 300,

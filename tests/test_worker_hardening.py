@@ -19,7 +19,7 @@ from test_worker_step_stream import FakeExecutor
 
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 NUM_BLOCKS, BLOCK_SIZE = 64, 16
@@ -28,9 +28,8 @@ NUM_BLOCKS, BLOCK_SIZE = 64, 16
 @pytest.fixture(scope="module")
 def worker() -> Iterator[tuple[worker_pb2_grpc.WorkerStub, wpb.DescribeResponse]]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sarathi.cli", "worker", "--port", str(port),
-                             "--model", "dummy:tiny", "--threads", "1"], cwd=ROOT, start_new_session=True,
-                            preexec_fn=dies_with_this_process())
+    proc = popen_tied([sys.executable, "-m", "sarathi.cli", "worker", "--port", str(port),
+                       "--model", "dummy:tiny", "--threads", "1"], cwd=ROOT, start_new_session=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = worker_pb2_grpc.WorkerStub(channel)
     deadline = time.monotonic() + 120

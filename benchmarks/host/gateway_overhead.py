@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from sarathi.client import NO_RETRY, AsyncClient, wait_serving
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 
@@ -164,13 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     port, http_port = free_port(), free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
-                              "--cpu-cache-gib", "0.5", *args.server_arg],
-                             start_new_session=True, preexec_fn=dies_with_this_process(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gateway = subprocess.Popen([sys.executable, "-m", "sarathi.gateway", "--upstream", f"127.0.0.1:{port}",
-                                "--port", str(http_port)], preexec_fn=dies_with_this_process(),
-                               stderr=subprocess.DEVNULL)
+    serve = popen_tied([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
+                        "--cpu-cache-gib", "0.5", *args.server_arg],
+                       start_new_session=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway = popen_tied([sys.executable, "-m", "sarathi.gateway", "--upstream", f"127.0.0.1:{port}",
+                          "--port", str(http_port)],
+                         stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address, 600, serve)

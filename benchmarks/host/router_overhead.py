@@ -26,7 +26,7 @@ import timeit
 from benchmarks.host.gateway_overhead import Summary, cpu_seconds, grpc_one, machine, mean_diff, pct, prompts
 from protos import generation_pb2 as pb
 from sarathi.client import NO_RETRY, AsyncClient, wait_serving
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 
@@ -56,13 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     concurrency = [int(n) for n in args.streams.split(",")]
 
     port, router_port = free_port(), free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
-                              "--cpu-cache-gib", "2", "--max-queue", "100000", *args.server_arg],
-                             start_new_session=True, preexec_fn=dies_with_this_process(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    router = subprocess.Popen([sys.executable, "-m", "router_service", "--port", str(router_port),
-                               "--scheduler", f"127.0.0.1:{port}"], preexec_fn=dies_with_this_process(),
-                              stderr=subprocess.DEVNULL)
+    serve = popen_tied([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
+                        "--cpu-cache-gib", "2", "--max-queue", "100000", *args.server_arg],
+                       start_new_session=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    router = popen_tied([sys.executable, "-m", "router_service", "--port", str(router_port),
+                         "--scheduler", f"127.0.0.1:{port}"],
+                        stderr=subprocess.DEVNULL)
     direct, routed = f"127.0.0.1:{port}", f"127.0.0.1:{router_port}"
     results: dict[int, dict[str, Summary]] = {}
     router_cpu: dict[int, float] = {}

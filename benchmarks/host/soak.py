@@ -31,7 +31,7 @@ from tqdm import tqdm
 from protos import generation_pb2 as pb
 from protos import generation_pb2_grpc
 from sarathi.client import wait_serving
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 WORDS = ("the lighthouse keeper wrote a letter about storms ships gulls and the long winter "
@@ -131,10 +131,10 @@ def main() -> None:
     args = parser.parse_args()
 
     port, metrics_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
-                               "--metrics-port", str(metrics_port), "--chunk-size", "256"],
-                              start_new_session=True, preexec_fn=dies_with_this_process(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = popen_tied([sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port),
+                         "--metrics-port", str(metrics_port), "--chunk-size", "256"],
+                        start_new_session=True,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"127.0.0.1:{port}"
         wait_serving(address, timeout=600, proc=server)

@@ -19,7 +19,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 
 HEALTH_POLL_S = 0.5
@@ -118,14 +118,14 @@ class LocalServer:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sarathi-bench-server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
+        self.process = popen_tied(
             self.launch.command(self.port, self.metrics_port),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.launch.env},
-            start_new_session=True,  # its own process group, so stopping reaches the worker too
-            preexec_fn=dies_with_this_process(),  # and it never outlives this process
+            start_new_session=True,  # its own process group, so stopping reaches the worker too;
+            # popen_tied: and it never outlives this process
         )
         log.close()
         try:

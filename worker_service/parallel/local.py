@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from sarathi_common.lifecycle import dies_with_this_process
+from sarathi_common.lifecycle import popen_tied
 from sarathi_common.net import free_port
 from sarathi_common.options import to_flags, without_option_variables
 from worker_service.config import WorkerConfig
@@ -42,8 +42,7 @@ def start_local_ranks(config: WorkerConfig) -> WorkerConfig:
         # (curve.rank_key), which drops it there once the ranks have it.
         os.environ[KEY_ENV] = CurveKey.generate().to_env()
     env = without_option_variables(os.environ, WorkerConfig)   # their settings come as flags
-    peers = [subprocess.Popen(cmd, env=env, preexec_fn=dies_with_this_process())
-             for cmd in peer_commands(config)]
+    peers = [popen_tied(cmd, env=env) for cmd in peer_commands(config)]
     threading.Thread(target=exit_with_failed_peer, args=(peers,), daemon=True).start()
     return config
 
