@@ -39,8 +39,9 @@ test: setup
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q -m 'not slow and not container' tests
 
-# Whole-cluster fault drills (kill -9, SIGSTOP, engine death, SIGTERM per role) and a fresh
-# torch-less install: minutes each, so apart from `make test`; CI runs both.
+# Whole-cluster fault drills (kill -9, SIGSTOP, engine death, SIGTERM per role), a fresh
+# torch-less install, and the rest of the policy and parallel-layout matrices (make test keeps
+# one of each kind): minutes each, so apart from `make test`; CI runs both.
 test-slow: setup
 	$(VENV)/bin/pytest -q -m 'slow and not container' tests
 

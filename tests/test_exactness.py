@@ -29,6 +29,9 @@ def run_concurrently(server, prompts: list[list[int]], max_tokens: int) -> list[
 
 
 # Sarathi at three chunk sizes; every other policy at one setting, to keep the suite short.
+# `make test` runs sarathi (64, 512), sarathi_dynamic and vllm; the rest are in `make test-slow`
+# (CI runs both), which keeps `make test` within its 15 minutes on two cores.
+SLOW_SETTINGS = {"sarathi-16", "orca", "faster_transformer", "simple_chunking"}
 POLICY_SETTINGS = {
     "sarathi-16": ("--chunk-size", "16"),
     "sarathi-64": None,  # the shared default server
@@ -42,7 +45,8 @@ POLICY_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", list(POLICY_SETTINGS))
+@pytest.mark.parametrize("setting", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SETTINGS else s
+                                     for s in POLICY_SETTINGS])
 def test_concurrent_greedy_tokens_equal_transformers_generate(setting, server_factory, default_server,
                                                              prompts, references):
     args = POLICY_SETTINGS[setting]

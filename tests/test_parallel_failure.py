@@ -35,7 +35,8 @@ def start_replica(tp: int, pp: int) -> tuple[str, list, dict]:
     return f"127.0.0.1:{sched_port}", workers, {"scheduler": scheduler}
 
 
-@pytest.mark.parametrize("tp,pp,victim", [(2, 1, 1), (1, 2, 1), (1, 2, 0)],
+@pytest.mark.parametrize("tp,pp,victim", [(2, 1, 1), pytest.param(1, 2, 1, marks=pytest.mark.slow),
+                                          pytest.param(1, 2, 0, marks=pytest.mark.slow)],
                          ids=["tp2-kill-rank1", "pp2-kill-last-stage", "pp2-kill-rank0"])
 def test_killing_one_worker_fails_the_replica_unavailable_within_10s(tp, pp, victim):
     address, workers, others = start_replica(tp, pp)

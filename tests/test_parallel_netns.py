@@ -66,6 +66,7 @@ def spawn_in(ns: str, ifname: str, *args: str) -> subprocess.Popen:
                             cwd=ROOT, env=env, start_new_session=True)
 
 
+@pytest.mark.slow   # tests/test_parallel_exactness.py has the same layouts on loopback in `make test`
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_workers_in_separate_network_namespaces_give_exact_tokens(tp, pp):
     rng = random.Random(0)
