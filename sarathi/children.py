@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sarathi_common.lifecycle import popen_tied
 
@@ -42,7 +42,6 @@ class _Child:
     starts: int = 1
     quick_failures: int = 0       # deaths before listening since it last listened
     restart_at: float | None = None
-    exits: list[int] = field(default_factory=list)
 
 
 class Children:
@@ -61,9 +60,6 @@ class Children:
     def processes(self) -> list[subprocess.Popen]:
         with self._lock:
             return [c.proc for c in self._children]
-
-    def restarts(self, name: str) -> int:
-        return next(c.starts - 1 for c in self._children if c.spec.name == name)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stops watching, then the children: SIGTERM, and SIGKILL after timeout_s."""
@@ -96,6 +92,8 @@ class Children:
         if child.restart_at is not None:
             if now >= child.restart_at:
                 child.restart_at = None
+                # From this thread: the kernel's parent-death signal follows the thread that
+                # started a child, and this one lives until serve stops watching.
                 with self._lock:
                     child.proc = self._start(spec)
                 child.starts += 1
