@@ -4,11 +4,13 @@ of them fails the replica fast and loudly, and leaves no process behind."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
 import pytest
-from conftest import collect, greedy_request
+from conftest import ROOT, collect, greedy_request
 from grpc_health.v1 import health_pb2
 from test_services import health_status, kill, spawn
 
@@ -80,3 +82,15 @@ def test_a_local_rank_that_dies_at_start_ends_its_worker_at_once():
         assert time.monotonic() - start < 10
     finally:
         kill(worker, signal.SIGKILL)
+
+
+def test_a_layout_the_model_cannot_split_into_ends_the_worker_with_one_line():
+    # dummy:tiny has an MLP of 256: three ranks cannot share it. No rank is started.
+    proc = subprocess.run([sys.executable, "-m", "sarathi.cli", "worker", "--port", str(free_port()),
+                           "--tensor-parallel-size", "3", *TINY], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "worker: dummy:tiny does not fit --tensor-parallel-size 3 --pipeline-parallel-size 1: "
+        "intermediate size 256 does not split over 3 ranks")
+    assert "Traceback" not in proc.stderr

@@ -168,6 +168,13 @@ def vocab_rows(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     return lo, min(lo + shard_rows, vocab_size)
 
 
+def check_shardable(config: ModelConfig, tp_size: int) -> None:
+    """Raises ValueError, saying why, when the model's heads or MLP do not split over tp_size."""
+    if config.intermediate_size % tp_size:
+        raise ValueError(f"intermediate size {config.intermediate_size} does not split over {tp_size} ranks")
+    head_shard(config.num_heads, config.num_kv_heads, 0, tp_size)
+
+
 def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.ProcessGroup | None
                 ) -> LlamaModel:
     """Shards `model` in place for TP rank `tp_rank` of `tp_size`; returns it. It works the same
@@ -178,8 +185,7 @@ def shard_model(model: LlamaModel, tp_rank: int, tp_size: int, group: dist.Proce
         return model
     assert group is not None
     c = model.config
-    if c.intermediate_size % tp_size:
-        raise ValueError(f"intermediate size {c.intermediate_size} does not split over {tp_size} ranks")
+    check_shardable(c, tp_size)
     hs = head_shard(c.num_heads, c.num_kv_heads, tp_rank, tp_size)
 
     def piece(name: str, whole: torch.Tensor) -> nn.Parameter:
