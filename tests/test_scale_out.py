@@ -17,7 +17,7 @@ import grpc
 import psutil
 import pytest
 import torch
-from conftest import ROOT, greedy_request
+from conftest import ROOT, greedy_request, wait_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2_grpc
@@ -314,15 +314,20 @@ def test_serve_runs_data_parallel_replicas_under_one_scheduler():
     assert serve.returncode == 0
 
 
-def worker_child(serve: subprocess.Popen, timeout: float = 60) -> psutil.Process:
+def serve_child(serve: subprocess.Popen, module: str, timeout: float = 60) -> psutil.Process:
+    """serve's one child running `module` (once the tie wrapper has exec'd it)."""
     deadline = time.monotonic() + timeout
     while True:
-        workers = [p for p in psutil.Process(serve.pid).children()
-                   if "worker_service" in " ".join(p.cmdline())]
-        if workers or time.monotonic() > deadline:
-            assert len(workers) == 1, [p.cmdline() for p in psutil.Process(serve.pid).children()]
-            return workers[0]
+        found = [p for p in psutil.Process(serve.pid).children()
+                 if f"-m {module}" in " ".join(p.cmdline()) and "sarathi_common.tied" not in p.cmdline()]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, [p.cmdline() for p in psutil.Process(serve.pid).children()]
+            return found[0]
         time.sleep(0.1)
+
+
+def worker_child(serve: subprocess.Popen) -> psutil.Process:
+    return serve_child(serve, "worker_service")
 
 
 def test_serve_starts_its_worker_again_after_kill_9_and_the_streams_finish_exactly():
@@ -373,3 +378,21 @@ def test_serve_stops_with_exit_0_when_its_worker_is_stopped_on_purpose():
         assert not worker.is_running()
     finally:
         stop(serve)
+
+
+def test_serve_starts_its_gateway_again_after_kill_9():
+    port, http_port = free_port(), free_port()
+    serve = spawn("serve", "--port", str(port), "--http-port", str(http_port), *WORKER)
+    health = f"http://127.0.0.1:{http_port}/health"
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=180)
+        wait_http(health, 60)
+        first = serve_child(serve, "sarathi.gateway")
+        first.kill()
+        first.wait(10)
+        wait_http(health, 60)
+        assert serve_child(serve, "sarathi.gateway").pid != first.pid
+        assert serve.poll() is None
+    finally:
+        stop(serve, signal.SIGTERM)
+    assert serve.returncode == 0
