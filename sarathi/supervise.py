@@ -112,6 +112,9 @@ def run_serve(scheduler: SchedulerConfig, worker: WorkerConfig, http_port: int |
     except KeyboardInterrupt:
         pass
     finally:
+        # Stopping already: a later SIGTERM (say, from a child's watcher) must not cut the
+        # cleanup short, now that the scheduler's handler is gone.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         children.stop()
         if socket_folder:
             shutil.rmtree(socket_folder, ignore_errors=True)
