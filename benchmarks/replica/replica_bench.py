@@ -117,7 +117,7 @@ def main() -> None:
     config = ModelConfig.from_hf(hf_config_for(resolve(f"dummy:{args.model}")), args.model)
     bandwidth = matmul = None
     if device.type == "cuda":
-        from benchmarks.step.gpu_bench import measure_copy_bandwidth, measure_matmul_flops
+        from benchmarks.step.driver import measure_copy_bandwidth, measure_matmul_flops
 
         bandwidth = measure_copy_bandwidth()
         matmul = measure_matmul_flops()

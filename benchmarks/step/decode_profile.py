@@ -18,8 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.step.floors import kv_bytes
-from benchmarks.step.gpu_bench import (
+from benchmarks.step.driver import (
     BLOCK,
     CONTEXT,
     DEV,
@@ -29,6 +28,7 @@ from benchmarks.step.gpu_bench import (
     measure_copy_bandwidth,
     weight_bytes_read_per_step,
 )
+from benchmarks.step.floors import kv_bytes
 from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
 from worker_service.models.loader import load_model

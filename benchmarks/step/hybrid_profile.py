@@ -16,8 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.step.decode_profile import group_of
+from benchmarks.step.driver import Driver
 from benchmarks.step.floors import hybrid_attention_flops, kv_bytes, matmul_params
-from benchmarks.step.gpu_bench import Driver
 
 
 def profile_hybrid(driver: Driver, config, chunk: int, decodes: int, context: int,

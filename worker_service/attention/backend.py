@@ -70,30 +70,3 @@ class AttentionBackend(ABC):
                 scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [num_tokens, heads, head_dim] -> [num_tokens, heads, head_dim], causal per sequence.
         out: a contiguous tensor of q's shape to write into (a graph's static buffer), or None."""
-
-
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name == "auto":
-        name = "torch" if device.type == "cpu" else _best_gpu_backend()
-    if name == "torch":
-        from worker_service.attention.torch_ref import TorchAttention
-
-        return TorchAttention()
-    if name == "flashinfer":
-        from worker_service.attention.flashinfer_backend import FlashInferAttention
-
-        return FlashInferAttention(device)
-    if name == "triton":
-        from worker_service.attention.triton_backend import TritonAttention
-
-        return TritonAttention()
-    raise ValueError(f"unknown attention backend {name!r}: use auto, torch, flashinfer or triton")
-
-
-def _best_gpu_backend() -> str:
-    try:
-        import flashinfer  # noqa: F401
-
-        return "flashinfer"
-    except ImportError:
-        return "triton"
