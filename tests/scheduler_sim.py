@@ -3,6 +3,7 @@ gets a token, as a worker would. Policies decide only from counts, so this exerc
 
 from __future__ import annotations
 
+from benchmarks.serving.offline_replay import worker_output
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.kv_cache import make_block_manager
@@ -30,11 +31,7 @@ def make_request(seq_id: int, prompt_len: int, max_tokens: int, *,
 
 
 def simulated_output(scheduler: Scheduler, plan: BatchPlan, token: int = 3) -> StepOutput:
-    # A sequence whose computed tokens reach the end of its known tokens gets a sample.
-    done = [s for s in plan.seq_ids
-            if s in scheduler.requests and scheduler.requests[s].num_computed_tokens
-            >= scheduler.requests[s].num_prompt_tokens + len(scheduler.requests[s].output_token_ids)]
-    return StepOutput(plan.step_id, done, [token] * len(done))
+    return worker_output(scheduler, plan, token)
 
 
 def step(scheduler: Scheduler) -> tuple[BatchPlan, list[RequestUpdate]]:
