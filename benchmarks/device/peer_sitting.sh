@@ -50,6 +50,23 @@ case ${1:-} in
             | grep -v "^WARNING: Target directory"
         offline_runs vllm vllm:2048 200
         [ -n "${TESTS_LIMIT_S:-}" ] && PART_LIMIT_S=$TESTS_LIMIT_S bash $session tests 2>&1 | tail -25 ;;
+    ours)
+        mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
+        slo=${PEER_SLO_MS:-45.8}
+        OUT=$OUT/ours-slo PEER_SYSTEMS=sarathi:2048@slo PEER_SLO_MS=$slo PEER_ARGS=--skip-offline \
+            PEER_RATE=${OURS_RATE:-10} PEER_PROBES=${OURS_PROBES:-3} PEER_LIMIT_S=${OURS_SLO_LIMIT_S:-340} \
+            PEER_SYSTEM_LIMIT_S=${OURS_SLO_LIMIT_S:-340} bash $session peer
+        OUT=$OUT/ours-offline PEER_SYSTEMS=sarathi:2048 PEER_SLO_MS=$slo PEER_ARGS=--skip-capacity \
+            PEER_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} PEER_SYSTEM_LIMIT_S=${OURS_OFFLINE_LIMIT_S:-200} \
+            bash $session peer
+        rm -f "$OUT/ours-slo/fi.tgz" ;;  # the second part's copy is the fuller one
+    vllm)
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" .vcc/*.whl 2>&1 \
+            | grep -v "^WARNING: Target directory"
+        OUT=$OUT/vllm PEER_SYSTEMS=${VLLM_SYSTEMS:-vllm:2048,vllm:512} PEER_RATE=${VLLM_RATE:-4} \
+            PEER_PROBES=${VLLM_PROBES:-3} PEER_LIMIT_S=${VLLM_LIMIT_S:-560} \
+            PEER_SYSTEM_LIMIT_S=${VLLM_SYSTEM_LIMIT_S:-275} bash $session peer
+        rm -f "$OUT/vllm/fi.tgz" ;;  # vLLM's run compiles none of ours
     more)
         slo=${PEER_SLO_MS:-45.8}
         OUT=$OUT/ours-512 PEER_SYSTEMS=sarathi:512 PEER_SLO_MS=$slo PEER_ARGS=--skip-offline PEER_RATE=6 \
