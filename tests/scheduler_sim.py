@@ -3,8 +3,8 @@ gets a token, as a worker would. Policies decide only from counts, so this exerc
 
 from __future__ import annotations
 
-from benchmarks.serving.offline_replay import worker_output
-from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput
+from benchmarks.serving.offline_replay import worker_output as simulated_output
+from protos.batch_plan import BatchPlan, SamplingOptions
 from scheduler_service.block_manager import CacheConfig
 from scheduler_service.kv_cache import make_block_manager
 from scheduler_service.messages import RequestUpdate
@@ -28,10 +28,6 @@ def make_request(seq_id: int, prompt_len: int, max_tokens: int, *,
     tokens = list(prompt) if prompt is not None else [7] * prompt_len
     return Request(seq_id=seq_id, prompt_token_ids=tokens, sampling=SamplingOptions(),
                    max_tokens=max_tokens, **kw)
-
-
-def simulated_output(scheduler: Scheduler, plan: BatchPlan, token: int = 3) -> StepOutput:
-    return worker_output(scheduler, plan, token)
 
 
 def step(scheduler: Scheduler) -> tuple[BatchPlan, list[RequestUpdate]]:

@@ -118,14 +118,14 @@ class LocalServer:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sarathi-bench-server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
+        # popen_tied: it never outlives this process.
         self.process = popen_tied(
             self.launch.command(self.port, self.metrics_port),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **self.launch.env},
-            start_new_session=True,  # its own process group, so stopping reaches the worker too;
-            # popen_tied: and it never outlives this process
+            start_new_session=True,  # its own process group, so stopping reaches the worker too
         )
         log.close()
         try:
