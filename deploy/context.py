@@ -24,7 +24,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["pyproject.toml", "README.md", "protos", "sarathi", "sarathi_common", "scheduler_service",
-           "worker_service", "router_service", "kernels", "benchmarks", "deploy/probe.py"]
+           "worker_service", "router_service", "sarathi_kernels", "benchmarks", "deploy/probe.py"]
 
 
 def source_files() -> list[str]:

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from benchmarks.kernels.graph_timing import microseconds_per_call
-from kernels.paged_decode import paged_decode
+from sarathi_kernels.paged_decode import paged_decode
 from worker_service.attention import AttentionMetadata
 from worker_service.attention.flashinfer_backend import FlashInferAttention
 from worker_service.attention.triton_backend import TritonAttention

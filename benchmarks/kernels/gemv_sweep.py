@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernels.graph_timing import microseconds_per_call
-from kernels.gemv import gemv
+from sarathi_kernels.gemv import gemv
 
 DEV = torch.device("cuda")
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.gemv import gemv, linear_ref
-from kernels.kv_write import write_kv, write_kv_ref
-from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
-from kernels.paged_attention import paged_attention
-from kernels.paged_decode import num_splits, paged_decode
-from kernels.rotary import rotary_, rotary_and_cache_, rotary_ref
+from sarathi_kernels.activation import silu_and_mul, silu_and_mul_ref
+from sarathi_kernels.gemv import gemv, linear_ref
+from sarathi_kernels.kv_write import write_kv, write_kv_ref
+from sarathi_kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref
+from sarathi_kernels.paged_attention import paged_attention
+from sarathi_kernels.paged_decode import num_splits, paged_decode
+from sarathi_kernels.rotary import rotary_, rotary_and_cache_, rotary_ref
 from worker_service.attention import AttentionMetadata
 
 DEV = torch.device("cuda")

@@ -43,7 +43,7 @@ class AttentionMetadata:
 class AttentionBackend(ABC):
     """Computes attention for a ragged hybrid batch over the paged KV cache of one layer."""
 
-    # True when write_kv is exactly kernels.kv_write's slot-mapping store (negative slots
+    # True when write_kv is exactly sarathi_kernels.kv_write's slot-mapping store (negative slots
     # skipped): the model may then fuse the store into its rotary kernel and skip write_kv.
     writes_kv_by_slot = False
 

@@ -7,7 +7,7 @@ one prefill launch over both gives every decode a query tile of its own, mostly 
 H200, 512-token chunk + 64 decodes: 23.3 ms against 17.4; 2048 + 128 decodes at context 4096:
 121 ms against 68; benchmarks/step/gpu_bench.py). Decode-only iterations go through
 the decode wrapper (tensor-core variant, which suits GQA groups), except small ones: at most
-`split_decode_max_batch` sequences go to our split-KV Triton kernel (kernels/paged_decode.py),
+`split_decode_max_batch` sequences go to our split-KV Triton kernel (sarathi_kernels/paged_decode.py),
 which spreads one sequence's context over the whole GPU in fewer, cheaper launches than
 FlashInfer's split-and-merge at that size (benchmarks/kernels/attention_decode.py). CUDA-graph
 decode batches get a decode wrapper of their own per padded batch size, whose index buffers stay
@@ -20,8 +20,8 @@ from __future__ import annotations
 import flashinfer
 import torch
 
-from kernels.kv_write import write_kv
-from kernels.paged_decode import paged_decode
+from sarathi_kernels.kv_write import write_kv
+from sarathi_kernels.paged_decode import paged_decode
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
 from worker_service.upload import pinned_tensor, upload
 

@@ -1,12 +1,12 @@
-"""Our own Triton kernels (kernels/) behind the attention interface: used when FlashInfer is absent."""
+"""Our own Triton kernels (sarathi_kernels/) behind the attention interface, for when FlashInfer is absent."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels.kv_write import write_kv
-from kernels.paged_attention import paged_attention
-from kernels.paged_decode import paged_decode
+from sarathi_kernels.kv_write import write_kv
+from sarathi_kernels.paged_attention import paged_attention
+from sarathi_kernels.paged_decode import paged_decode
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
 
 

@@ -4,7 +4,7 @@ Our layout fuses q/k/v into one projection and gate/up into another, so each lay
 input once per projection group. The model's signature stays `forward(input_ids, positions,
 kv_caches, meta)`: only attention reads the paged-cache metadata.
 
-On CUDA the memory-bound pieces run as Triton kernels from kernels/ (residual add fused into
+On CUDA the memory-bound pieces run as Triton kernels from sarathi_kernels/ (residual add fused into
 RMSNorm, rotary in place, SiLU-and-mul); everywhere else they are the torch ops below, which
 stay the exact reference path.
 """
@@ -21,10 +21,10 @@ from worker_service.models.config import ModelConfig
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except that skinny CUDA inputs (a decode batch of at most 16 rows, bf16/fp16)
-    go to kernels/gemv.py, which streams the weight faster than cuBLAS does at that shape."""
+    go to sarathi_kernels/gemv.py, which streams the weight faster than cuBLAS does at that shape."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] <= 16 and x.dtype in (torch.bfloat16, torch.float16) \
             and weight.dtype == x.dtype:
-        from kernels.gemv import gemv
+        from sarathi_kernels.gemv import gemv
 
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
         """Returns (norm(x + residual), x + residual); a None residual counts as zero.
         residual_out: where x + residual is written (residual itself may be given), or None."""
         if x.is_cuda:
-            from kernels.norm import fused_add_rmsnorm
+            from sarathi_kernels.norm import fused_add_rmsnorm
 
             return fused_add_rmsnorm(x, residual, self.weight, self.eps, residual_out)
         if residual is not None:
@@ -81,7 +81,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if q.is_cuda:
-            from kernels.rotary import rotary_
+            from sarathi_kernels.rotary import rotary_
 
             rotary_(q, k, positions, self.cos, self.sin)  # in place, in float32
             return q, k
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if q.is_cuda and self.backend.writes_kv_by_slot:
-            from kernels.rotary import rotary_and_cache_
+            from sarathi_kernels.rotary import rotary_and_cache_
 
             # One launch rotates q (into a packed tensor: attention takes q packed) and k, and
             # stores k, v in the cache.
@@ -179,7 +179,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if gate_up.is_cuda:
-            from kernels.activation import silu_and_mul
+            from sarathi_kernels.activation import silu_and_mul
 
             return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)

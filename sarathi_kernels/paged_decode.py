@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import attend_tile
+from sarathi_kernels.paged_attention import attend_tile
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
