@@ -40,16 +40,15 @@ print(" ".join(p["dependencies"] if sys.argv[1] == "deps" else p["optional-depen
 download() {  # download DIR SPEC...: once per set of requirements and pins (a .spec stamp), kept after
   local dir=deploy/wheels/$1; shift
   # The pinned versions of constraints.txt (make lock): the images hold what the suites passed with.
-  local spec; spec="$* $(sha256sum constraints.txt | cut -c1-16)"
-  [ -f "$dir/.spec" ] && [ "$(cat "$dir/.spec")" = "$spec" ] && return
+  local stamp; stamp="$* $(sha256sum constraints.txt | cut -c1-16)"
+  [ -f "$dir/.spec" ] && [ "$(cat "$dir/.spec")" = "$stamp" ] && return
   # Another set: the old wheels go, so that no other version of a package is left to be picked.
   rm -rf "$dir" && mkdir -p "$dir"
   local start; start=$(date +%s)
-  # shellcheck disable=SC2086
   # (grep: this machine's pip config names local indexes that lack most projects; pip warns per name)
-  $python -m pip download -q -d "$dir" --only-binary=:all: -c constraints.txt $spec \
+  $python -m pip download -q -d "$dir" --only-binary=:all: -c constraints.txt "$@" \
       2> >(grep -v "it is neither a file nor" >&2)
-  echo "$spec" > "$dir/.spec"
+  echo "$stamp" > "$dir/.spec"
   echo "wheels $dir: $(du -sh "$dir" | cut -f1) in $(( $(date +%s) - start )) s"
 }
 
