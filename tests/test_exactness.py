@@ -29,9 +29,10 @@ def run_concurrently(server, prompts: list[list[int]], max_tokens: int) -> list[
 
 
 # Sarathi at three chunk sizes; every other policy at one setting, to keep the suite short.
-# `make test` runs sarathi (64, 512), sarathi_dynamic and vllm; the rest are in `make test-slow`
+# `make test` runs sarathi-64 (chunked) and vllm (whole prompts); the rest are in `make test-slow`
 # (CI runs both), which keeps `make test` within its 15 minutes on two cores.
-SLOW_SETTINGS = {"sarathi-16", "orca", "faster_transformer", "simple_chunking"}
+SLOW_SETTINGS = {"sarathi-16", "sarathi-512", "sarathi_dynamic", "orca", "faster_transformer",
+                 "simple_chunking"}
 POLICY_SETTINGS = {
     "sarathi-16": ("--chunk-size", "16"),
     "sarathi-64": None,  # the shared default server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from conftest import collect, greedy_request, hf_greedy
 
 from protos import generation_pb2 as pb
@@ -11,6 +12,7 @@ from protos import generation_pb2 as pb
 LENGTHS = [5, 40, 130, 300]
 
 
+@pytest.mark.slow   # ~20 s; make test's exactness runs (overlap on) keep the suite under 15 minutes
 def test_greedy_tokens_are_exact_with_overlap_off(server_factory, hf_model, long_token_ids):
     server = server_factory("--chunk-size", "32", "--no-overlap")
     prompts = [long_token_ids[11 * i: 11 * i + n] for i, n in enumerate(LENGTHS)]
