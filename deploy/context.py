@@ -6,10 +6,9 @@ The context holds only what the images need: src/ (the tracked sources of the pa
 .venv, caches or generated stubs), wheels/NAME for each deploy/wheels/NAME given, and
 requirements/{base,worker,constraints}.txt: pyproject's dependencies and worker extra alone, and
 the pins, so that the image's dependency layers are rebuilt when those change, not at every edit
-of pyproject.toml. --hash
-prints a digest of everything that would go in (file contents; wheels by name and size) plus
-EXTRA (the base image's id, the target...), so that build-image.sh can skip a build whose
-inputs are unchanged (CI on the same machine).
+of pyproject.toml. --hash prints a digest of everything that would go in (file contents; wheels
+by name and size) plus EXTRA (the base image's id, the target...), so that build-image.sh can
+skip a build whose inputs are unchanged (CI on the same machine).
 """
 
 from __future__ import annotations

