@@ -137,7 +137,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
     if graphs is not None:
         variants.append((", eager", None, True, None))
     if flashinfer:
-        variants.append((", eager, decodes through our split-KV kernel", None, True, 1 << 20))
+        variants.append((", decodes through our split-KV kernel", graphs, True, 1 << 20))
         variants.append((", one prefill launch for all", graphs, False, None))
     small = [(shape, variants[:2]) for shape in small_shapes]
     for (chunk, decodes, context), shape_variants in [(s, variants) for s in shapes] + small:
