@@ -133,6 +133,29 @@ class Driver:
                     new: list[NewSequence] = ()) -> float:
         return self.execute(self.plan(list(new), [(sid, 1) for sid in sids] + list(extra)))
 
+    def served_hybrid(self, sids: list[int], chunk: int, steps: int) -> float:
+        """Seconds per iteration of `steps` hybrid iterations as the worker serves them
+        (iteration i+1 launched before iteration i's tokens are read): the decodes `sids` plus
+        the first `chunk` tokens of a fresh, longer prompt each time (so the chunk samples
+        nothing); the last prompt is dropped before returning."""
+        runner = self.runner
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        previous, dropped = None, []
+        for _ in range(steps):
+            sid, ns = self.add(chunk + 64)
+            plan = self.plan([ns], [(s, 1) for s in sids] + [(sid, chunk)], dropped=dropped)
+            del self.seqs[sid]   # dropped by the next plan, while this one may still run
+            dropped = [sid]
+            step = runner.launch(plan)
+            if previous is not None:
+                runner.finish(previous)
+            previous = step
+        runner.finish(previous)
+        served = (time.perf_counter() - t) / steps
+        runner.execute(self.plan([], [], dropped=dropped))
+        return served
+
 
 # --- the measurements -----------------------------------------------------------------------
 def weight_bytes_read_per_step(model) -> int:

@@ -105,23 +105,7 @@ def bench_hybrid(driver: Driver, decodes: int, chunk: int, repeats: int,
         driver.runner.execute(BatchPlan(driver.step, dropped_seq_ids=[sid]))
         driver.step += 1
         del driver.seqs[sid]
-    runner = driver.runner
-    steps = 2 * repeats
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    previous, dropped = None, []
-    for _ in range(steps):
-        sid, ns = driver.add(chunk + 64)
-        plan = driver.plan([ns], [(s, 1) for s in sids] + [(sid, chunk)], dropped=dropped)
-        del driver.seqs[sid]   # dropped by the next plan, while this one may still run
-        dropped = [sid]
-        step = runner.launch(plan)
-        if previous is not None:
-            runner.finish(previous)
-        previous = step
-    runner.finish(previous)
-    served = (time.perf_counter() - t) / steps
-    runner.execute(driver.plan([], [], dropped=dropped))
+    served = driver.served_hybrid(sids, chunk, 2 * repeats)
     driver.drop_all()
     return HybridTimes(served, statistics.median(times[1:]))
 
