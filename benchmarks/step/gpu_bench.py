@@ -117,29 +117,57 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
     backend = runner.backend
     graphs = runner.hybrid_graphs
     flashinfer = hasattr(backend, "hybrid_decode_kernels")
-    variants = [("", graphs, True, None)]
+    variants = [HybridVariant("", graphs)]
     if graphs is not None:
-        variants.append((", eager", None, True, None))
+        variants.append(HybridVariant(", eager", None))
     if flashinfer:
-        variants.append((", decodes through our split-KV kernel", graphs, True, 1 << 20))
-        variants.append((", one prefill launch for all", graphs, False, None))
+        variants.append(HybridVariant(", decodes through our split-KV kernel", graphs, split_max=1 << 20))
+        variants.append(HybridVariant(", chunks through FlashInfer's FA2 kernel", graphs, prefill="fa2"))
+        variants.append(HybridVariant(", one prefill launch for all", graphs, decode_kernels=False))
     small = [(shape, variants[:2]) for shape in small_shapes]
+    served_prefill = getattr(backend, "prefill", None)
     for (chunk, decodes, context), shape_variants in [(s, variants) for s in shapes] + small:
         floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
-        for label, hybrid, split, split_max in shape_variants:
-            runner.hybrid_graphs = hybrid
+        for v in shape_variants:
+            runner.hybrid_graphs = v.graphs
             if flashinfer:
-                backend.hybrid_decode_kernels = split
-                backend.hybrid_split_max = split_max
+                backend.hybrid_decode_kernels = v.decode_kernels
+                backend.hybrid_split_max = v.split_max
+                backend.prefill = served_prefill if v.prefill is None else prefill_wrapper(backend, v.prefill)
             times = bench_hybrid(driver, decodes, chunk, 5, context)
-            rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){label}",
+            rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){v.label}",
                          f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})",
                          f"{floor * 1e3:.2f} ms", f"{times.served / floor:.2f}x floor"))
-            key = f"hybrid_{chunk}_{decodes}_{context}{label.replace(', ', '_').replace(' ', '_')}"
+            key = f"hybrid_{chunk}_{decodes}_{context}{v.label.replace(', ', '_').replace(' ', '_')}"
             results[key] = vars(times)
     runner.hybrid_graphs = graphs
     if flashinfer:
         backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
+        backend.prefill = served_prefill
+
+
+@dataclass(frozen=True)
+class HybridVariant:
+    """One way to run the hybrid rows: the label's suffix, and what differs from serving."""
+    label: str
+    graphs: object                  # the runner's HybridGraphs, or None: eager
+    decode_kernels: bool = True     # decodes apart from the chunks (False: one prefill launch)
+    split_max: int | None = None    # decodes through our split-KV kernel up to this many
+    prefill: str | None = None      # FlashInfer's prefill backend for the chunks (None: as served)
+
+
+_PREFILL_WRAPPERS: dict[str, object] = {}
+
+
+def prefill_wrapper(backend, name: str):
+    """A FlashInfer prefill wrapper on the backend's workspace with the given kernel backend,
+    made once per name (each is JIT-compiled on first use)."""
+    if name not in _PREFILL_WRAPPERS:
+        import flashinfer
+
+        _PREFILL_WRAPPERS[name] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            backend.workspace, "NHD", backend=name)
+    return _PREFILL_WRAPPERS[name]
 
 
 def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:
