@@ -104,8 +104,8 @@ def vllm_fa3_calls(q: torch.Tensor, caches: list[torch.Tensor], meta: AttentionM
         block_table=meta.block_tables, out=out, fa_version=3) for c in caches]
 
 
-def variants() -> Iterator[tuple[str, Callable]]:
-    """(name, make calls for (q, caches, meta, shape, heads, kv_heads))."""
+def variants() -> Iterator[tuple[str, str, Callable]]:
+    """(key, name, make calls for (q, caches, meta, shape, heads, kv_heads))."""
     def flashinfer(prefill_backend: str) -> Callable:
         def make(q, caches, meta, shape, heads, kv_heads):
             import flashinfer as fi
@@ -118,18 +118,23 @@ def variants() -> Iterator[tuple[str, Callable]]:
             return backend_calls(attention, q, caches, meta, heads, kv_heads)
         return make
 
-    yield "flashinfer (as the worker: auto, FA3 on Hopper)", flashinfer("auto")
-    yield "flashinfer, fa2", flashinfer("fa2")
-    yield "triton (ours)", lambda q, caches, meta, shape, heads, kv_heads: backend_calls(
+    yield "flashinfer", "flashinfer (as the worker: auto, FA3 on Hopper)", flashinfer("auto")
+    yield "flashinfer-fa2", "flashinfer, fa2", flashinfer("fa2")
+    yield "triton", "triton (ours)", lambda q, caches, meta, shape, heads, kv_heads: backend_calls(
         TritonAttention(), q, caches, meta, heads, kv_heads)
-    yield "vLLM FlashAttention 3", lambda q, caches, meta, shape, heads, kv_heads: vllm_fa3_calls(
-        q, caches, meta, shape)
+    yield "vllm-fa3", "vLLM FlashAttention 3", lambda q, caches, meta, shape, heads, kv_heads: \
+        vllm_fa3_calls(q, caches, meta, shape)
+
+
+VARIANT_KEYS = ("flashinfer", "flashinfer-fa2", "triton", "vllm-fa3")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=chunk_shape, nargs="+",
                     default=[chunk_shape(s) for s in ("512,0", "512,1536", "2048,0", "2048,2048", "512x4,0")])
+    ap.add_argument("--variants", nargs="+", choices=VARIANT_KEYS, default=list(VARIANT_KEYS),
+                    help="which kernels (flashinfer-fa2 JIT-compiles for ~1.5 min on first use)")
     ap.add_argument("--heads", type=int, default=32, help="query heads (32: Llama-3-8B)")
     ap.add_argument("--kv-heads", type=int, default=8, help="KV heads (8: Llama-3-8B)")
     args = ap.parse_args()
@@ -137,7 +142,9 @@ def main() -> None:
           f"head dim {DIM}, blocks of {BLOCK}, {torch.cuda.get_device_name()}\n")
     print("| variant | " + " | ".join(s.label for s in args.shapes) + " |")
     print("| --- |" + " --- |" * len(args.shapes))
-    for name, make in variants():
+    for key, name, make in variants():
+        if key not in args.variants:
+            continue
         cells = []
         for shape in args.shapes:
             pages = -(-(shape.prior + shape.chunk) // BLOCK) * shape.count
