@@ -123,6 +123,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
     if flashinfer:
         variants.append(HybridVariant(", decodes through our split-KV kernel", graphs, split_max=1 << 20))
         variants.append(HybridVariant(", chunks through FlashInfer's FA2 kernel", graphs, prefill="fa2"))
+        variants.append(HybridVariant(", chunks through our Triton kernel", graphs, triton_chunks=1 << 20))
         variants.append(HybridVariant(", one prefill launch for all", graphs, decode_kernels=False))
     small = [(shape, variants[:2]) for shape in small_shapes]
     served_prefill = getattr(backend, "prefill", None)
@@ -134,6 +135,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
                 backend.hybrid_decode_kernels = v.decode_kernels
                 backend.hybrid_split_max = v.split_max
                 backend.prefill = served_prefill if v.prefill is None else prefill_wrapper(backend, v.prefill)
+                backend.triton_chunk_max_tokens = v.triton_chunks
             times = bench_hybrid(driver, decodes, chunk, 5, context)
             rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){v.label}",
                          f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})",
@@ -144,6 +146,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
     if flashinfer:
         backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
         backend.prefill = served_prefill
+        backend.triton_chunk_max_tokens = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class HybridVariant:
     decode_kernels: bool = True     # decodes apart from the chunks (False: one prefill launch)
     split_max: int | None = None    # decodes through our split-KV kernel up to this many
     prefill: str | None = None      # FlashInfer's prefill backend for the chunks (None: as served)
+    triton_chunks: int = 0          # chunks of up to this many tokens through our Triton kernel
 
 
 _PREFILL_WRAPPERS: dict[str, object] = {}

@@ -98,6 +98,16 @@ def test_hybrid_decodes_through_the_decode_kernels_match_torch_reference(torch_b
     compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
 
 
+@pytest.mark.parametrize("hybrid_tokens", [0, 128])
+def test_hybrid_chunks_through_the_triton_kernel_match_torch_reference(torch_bf16, hybrid_tokens):
+    """With triton_chunk_max_tokens set, the FlashInfer backend's prefill chunks run through our
+    Triton kernel (its decodes as before), eagerly and between hybrid graph pieces."""
+    pytest.importorskip("flashinfer")
+    runner = make_runner("flashinfer", torch.bfloat16, True, hybrid_tokens=hybrid_tokens)
+    runner.backend.triton_chunk_max_tokens = 1 << 20
+    compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
+
+
 def test_graphs_match_eager_flashinfer():
     pytest.importorskip("flashinfer")
     eager = drive(make_runner("flashinfer", torch.bfloat16, False), prompts(), NEW_TOKENS)

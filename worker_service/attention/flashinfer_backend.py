@@ -13,6 +13,8 @@ FlashInfer's split-and-merge at that size (benchmarks/kernels/attention_decode.p
 decode batches get a decode wrapper of their own per padded batch size, whose index buffers stay
 at fixed addresses so that planning before a replay updates what the captured kernels read.
 K/V are written by our Triton kernel (slot mapping; negative slots are graph padding).
+`triton_chunk_max_tokens` (off by default) sends short chunks to our Triton prefill kernel
+instead, for measuring it served (benchmarks/step/gpu_bench.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import flashinfer
 import torch
 
 from sarathi_kernels.kv_write import write_kv
+from sarathi_kernels.paged_attention import paged_attention
 from sarathi_kernels.paged_decode import paged_decode
 from worker_service.attention.backend import AttentionBackend, AttentionMetadata
 from worker_service.upload import pinned_tensor, upload
@@ -49,6 +52,14 @@ class FlashInferAttention(AttentionBackend):
         # faster in two eager runs and 4 ms slower in a third (eager is host-bound there, so
         # noisy); graphs with FlashInfer's decode are what gpu_bench measured as served.
         self.hybrid_split_max: int | None = None
+        # Prefill chunks of at most this many tokens each run through our Triton kernel rather
+        # than FlashInfer's prefill (0: never). Off until measured: a 512-token chunk's
+        # attention took 0.49 ms per iteration through FlashInfer's Hopper kernel, ~5x its FLOPs
+        # (benchmarks/kernels/chunk_attention.py times the candidates).
+        self.triton_chunk_max_tokens = 0
+        # (query_start, block_tables, context_lens, longest chunk) of this iteration's chunks
+        # when they take the Triton kernel, else None.
+        self._triton_chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         self.decode_tensor_cores = decode_tensor_cores
         self.split_decode_max_batch = split_decode_max_batch
         self._split_decode = False
@@ -79,6 +90,7 @@ class FlashInferAttention(AttentionBackend):
         # Reads the block table and context lengths on the device: nothing to plan.
         self._split_decode = meta.num_decode_only and len(ctx) <= self.split_decode_max_batch
         self._hybrid_decodes = 0
+        self._triton_chunks = None
         if self._split_decode:
             return
         pages = [(n + bs - 1) // bs for n in ctx]
@@ -127,6 +139,12 @@ class FlashInferAttention(AttentionBackend):
             self._hybrid_split = False
             self.decode.plan(pinned_tensor(indptr[:d + 1], torch.int32), indices[:indptr[d]],
                              pinned_tensor(last[:d], torch.int32), *shape, **common)
+        longest = max(b - a for a, b in zip(starts[d:], starts[d + 1:], strict=False))
+        if 0 < longest <= self.triton_chunk_max_tokens:
+            # Rows from d on, offsets from 0: made once here, read by every layer.
+            self._triton_chunks = (meta.query_start[d:] - d, meta.block_tables[d:],
+                                   meta.context_lens[d:], longest)
+            return
         qo_indptr = pinned_tensor([x - d for x in starts[d:]], torch.int32)
         kv_indptr = pinned_tensor([x - indptr[d] for x in indptr[d:]], torch.int32) if d else indptr_t
         self.prefill.plan(qo_indptr, kv_indptr, indices[indptr[d]:], pinned_tensor(last[d:], torch.int32)
@@ -193,14 +211,19 @@ class FlashInferAttention(AttentionBackend):
         if self._split_decode:
             return paged_decode(q, kv_cache, meta.block_tables, meta.context_lens, scale, out=out)
         d = self._hybrid_decodes
-        if not d:
+        if not d and self._triton_chunks is None:
             return self.active.run(q, kv_cache, out=out)
         if out is None:
             out = torch.empty_like(q)
-        if self._hybrid_split:
+        if d and self._hybrid_split:
             paged_decode(q[:d], kv_cache, meta.block_tables[:d], meta.context_lens[:d], scale,
                          out=out[:d])
-        else:
+        elif d:
             self.decode.run(q[:d], kv_cache, out=out[:d])
-        self.prefill.run(q[d:], kv_cache, out=out[d:])
+        if self._triton_chunks is not None:
+            query_start, block_tables, context_lens, longest = self._triton_chunks
+            paged_attention(q[d:], kv_cache, block_tables, query_start, context_lens, scale, longest,
+                            out=out[d:])
+        else:
+            self.prefill.run(q[d:], kv_cache, out=out[d:])
         return out
