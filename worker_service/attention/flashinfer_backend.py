@@ -140,7 +140,7 @@ class FlashInferAttention(AttentionBackend):
             self.decode.plan(pinned_tensor(indptr[:d + 1], torch.int32), indices[:indptr[d]],
                              pinned_tensor(last[:d], torch.int32), *shape, **common)
         longest = max(b - a for a, b in zip(starts[d:], starts[d + 1:], strict=False))
-        if 0 < longest <= self.triton_chunk_max_tokens:
+        if longest <= self.triton_chunk_max_tokens:  # every chunk has a token: 0 is never
             # Rows from d on, offsets from 0: made once here, read by every layer.
             self._triton_chunks = (meta.query_start[d:] - d, meta.block_tables[d:],
                                    meta.context_lens[d:], longest)
