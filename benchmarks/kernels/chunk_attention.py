@@ -108,13 +108,10 @@ def variants() -> Iterator[tuple[str, str, Callable]]:
     """(key, name, make calls for (q, caches, meta, shape, heads, kv_heads))."""
     def flashinfer(prefill_backend: str) -> Callable:
         def make(q, caches, meta, shape, heads, kv_heads):
-            import flashinfer as fi
-
             from worker_service.attention.flashinfer_backend import FlashInferAttention
 
             attention = FlashInferAttention(DEV, split_decode_max_batch=0)
-            attention.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(
-                attention.workspace, "NHD", backend=prefill_backend)
+            attention.set_prefill_backend(prefill_backend)
             return backend_calls(attention, q, caches, meta, heads, kv_heads)
         return make
 
@@ -126,7 +123,7 @@ def variants() -> Iterator[tuple[str, str, Callable]]:
         vllm_fa3_calls(q, caches, meta, shape)
 
 
-VARIANT_KEYS = ("flashinfer", "flashinfer-fa2", "triton", "vllm-fa3")
+VARIANT_KEYS = tuple(key for key, _, _ in variants())
 
 
 def main() -> None:
@@ -147,11 +144,11 @@ def main() -> None:
             continue
         cells = []
         for shape in args.shapes:
-            pages = -(-(shape.prior + shape.chunk) // BLOCK) * shape.count
-            caches = [torch.randn(pages, 2, BLOCK, args.kv_heads, DIM, device=DEV, dtype=torch.bfloat16)
+            meta = metadata(shape)
+            blocks = meta.block_tables.numel()
+            caches = [torch.randn(blocks, 2, BLOCK, args.kv_heads, DIM, device=DEV, dtype=torch.bfloat16)
                       for _ in range(LAYERS)]
             q = torch.randn(shape.chunk * shape.count, args.heads, DIM, device=DEV, dtype=torch.bfloat16)
-            meta = metadata(shape)
             try:
                 calls = make(q, caches, meta, shape, args.heads, args.kv_heads)
                 # A fast variant that reads the cache wrongly must not pass for a fast one.

@@ -126,7 +126,6 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
         variants.append(HybridVariant(", chunks through our Triton kernel", graphs, triton_chunks=1 << 20))
         variants.append(HybridVariant(", one prefill launch for all", graphs, decode_kernels=False))
     small = [(shape, variants[:2]) for shape in small_shapes]
-    served_prefill = getattr(backend, "prefill", None)
     for (chunk, decodes, context), shape_variants in [(s, variants) for s in shapes] + small:
         floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
         for v in shape_variants:
@@ -134,7 +133,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
             if flashinfer:
                 backend.hybrid_decode_kernels = v.decode_kernels
                 backend.hybrid_split_max = v.split_max
-                backend.prefill = served_prefill if v.prefill is None else prefill_wrapper(backend, v.prefill)
+                backend.set_prefill_backend(v.prefill)
                 backend.triton_chunk_max_tokens = v.triton_chunks
             times = bench_hybrid(driver, decodes, chunk, 5, context)
             rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){v.label}",
@@ -145,7 +144,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
     runner.hybrid_graphs = graphs
     if flashinfer:
         backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
-        backend.prefill = served_prefill
+        backend.set_prefill_backend("auto")
         backend.triton_chunk_max_tokens = 0
 
 
@@ -156,22 +155,8 @@ class HybridVariant:
     graphs: object                  # the runner's HybridGraphs, or None: eager
     decode_kernels: bool = True     # decodes apart from the chunks (False: one prefill launch)
     split_max: int | None = None    # decodes through our split-KV kernel up to this many
-    prefill: str | None = None      # FlashInfer's prefill backend for the chunks (None: as served)
+    prefill: str = "auto"           # FlashInfer's prefill backend for the chunks ("auto": as served)
     triton_chunks: int = 0          # chunks of up to this many tokens through our Triton kernel
-
-
-_PREFILL_WRAPPERS: dict[str, object] = {}
-
-
-def prefill_wrapper(backend, name: str):
-    """A FlashInfer prefill wrapper on the backend's workspace with the given kernel backend,
-    made once per name (each is JIT-compiled on first use)."""
-    if name not in _PREFILL_WRAPPERS:
-        import flashinfer
-
-        _PREFILL_WRAPPERS[name] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            backend.workspace, "NHD", backend=name)
-    return _PREFILL_WRAPPERS[name]
 
 
 def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:

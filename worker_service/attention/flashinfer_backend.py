@@ -66,7 +66,10 @@ class FlashInferAttention(AttentionBackend):
         self._hybrid_decodes = 0     # leading decode rows of this hybrid iteration
         self._hybrid_split = False   # ...which run our split-KV kernel
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        # FlashInfer's prefill wrapper per kernel backend ("auto": FA3 on Hopper), made on first
+        # use; set_prefill_backend picks which one runs the chunks.
+        self._prefill_by_backend: dict[str, flashinfer.BatchPrefillWithPagedKVCacheWrapper] = {}
+        self.set_prefill_backend("auto")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=decode_tensor_cores)
         self.graph_decode: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
@@ -75,6 +78,14 @@ class FlashInferAttention(AttentionBackend):
         self.dtype = torch.bfloat16
         self.active = self.prefill
         self._zero_pages = torch.zeros(0, dtype=torch.int32, device=device)
+
+    def set_prefill_backend(self, name: str) -> None:
+        """Run prefill chunks through FlashInfer's `name` kernels ("auto", "fa2", "fa3"): for
+        measuring them (each variant JIT-compiles on first use); serving keeps "auto"."""
+        if name not in self._prefill_by_backend:
+            self._prefill_by_backend[name] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "NHD", backend=name)
+        self.prefill = self._prefill_by_backend[name]
 
     def configure(self, num_heads: int, num_kv_heads: int, head_dim: int,
                   dtype: torch.dtype) -> None:
