@@ -255,7 +255,11 @@ def test_16_and_100_mb_prompts_beside_8_streams_stall_nothing_and_memory_returns
               f"{during[0] * 1e3:.0f}/{during[1] * 1e3:.0f} ms; health {len(health_times)} checks, "
               f"slowest {max(health_times) * 1e3:.0f} ms; frontend RSS {rss_start / 2**20:.0f} -> "
               f"{rss_end / 2**20:.0f} MiB")
-        assert max(during) <= 2 * normal
+        # What this guards is work on the frontend's event loop (tokenizing 16 MB takes tens of
+        # seconds, parsing 100 MB ~0.05 s): a bound of a second above the normal gap. Moving 100 MB
+        # over loopback also takes CPU from the worker on a 2-core box, which CI saw as a 655 ms
+        # gap against a 172 ms normal one; a ratio to the normal gap measured that, not a stall.
+        assert max(during) <= normal + 1.0
         assert max(health_times) < 1.0
         assert rss_end <= 1.2 * rss_start
         tokens, _, _ = collect(stub.Generate(greedy_request([100, 200], 2)))
