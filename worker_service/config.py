@@ -31,6 +31,11 @@ class WorkerConfig(InternalTLSOptions):
                                choices=["float32", "bfloat16", "float16"], group="worker")
     attention: str = option("auto", "attention backend; auto: torch on cpu, flashinfer (else triton) on cuda",
                             choices=["auto", "torch", "flashinfer", "triton"], group="worker")
+    hybrid_attention: str = option(
+        "separate", "how the flashinfer backend runs an iteration's decodes beside prefill chunks: "
+                    "separate (a decode launch and a prefill launch per layer) or pod (one "
+                    "POD-Attention launch sharing the SMs between them)",
+        choices=["separate", "pod"], group="worker")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", group="worker")
     cpu_cache_gib: float = option(2.0, "on the CPU, the most memory the KV cache may take (GiB)",
                                   group="worker")
@@ -75,8 +80,9 @@ class WorkerConfig(InternalTLSOptions):
         group=_SECURITY)
 
     # What a rank that this worker starts inherits: the model and how to run it, not where to listen.
-    SHARED = ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
-              "cuda_graphs", "hybrid_graph_tokens", "tensor_parallel_size", "pipeline_parallel_size")
+    SHARED = ("model", "device", "dtype", "attention", "hybrid_attention", "threads", "cpu_cache_gib",
+              "weights_seed", "cuda_graphs", "hybrid_graph_tokens", "tensor_parallel_size",
+              "pipeline_parallel_size")
 
     # What `serve` passes to the worker it starts besides SHARED (file paths only: no key material
     # on a command line).

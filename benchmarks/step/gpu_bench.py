@@ -110,22 +110,32 @@ def bench_hybrid(driver: Driver, decodes: int, chunk: int, repeats: int,
     return HybridTimes(served, statistics.median(times[1:]))
 
 
+def hybrid_variants(graphs, flashinfer: bool) -> list[HybridVariant]:
+    """As served first (piecewise graphs where the runner has them, decodes through the decode
+    kernels), then the variants that show what each of those buys."""
+    variants = [HybridVariant("served", "", graphs)]
+    if graphs is not None:
+        variants.append(HybridVariant("eager", ", eager", None))
+    if flashinfer:
+        variants += [
+            HybridVariant("split-kv", ", decodes through our split-KV kernel", graphs, split_max=1 << 20),
+            HybridVariant("fa2", ", chunks through FlashInfer's FA2 kernel", graphs, prefill="fa2"),
+            HybridVariant("triton", ", chunks through our Triton kernel", graphs, triton_chunks=1 << 20),
+            HybridVariant("pod", ", chunks and decodes in one POD-Attention launch", graphs, pod=True),
+            HybridVariant("one-launch", ", one prefill launch for all", graphs, decode_kernels=False)]
+    return variants
+
+
 def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: float,
-                rows: list, results: dict, shapes=HYBRID_SHAPES, small_shapes=SMALL_HYBRID_SHAPES) -> None:
-    """Each acceptance shape as served (piecewise graphs where the runner has them, decodes
-    through the decode kernels), then the variants that show what each of those buys."""
+                rows: list, results: dict, shapes=HYBRID_SHAPES, small_shapes=SMALL_HYBRID_SHAPES,
+                keys: tuple[str, ...] | None = None) -> None:
+    """Each shape in each variant whose key is in `keys` (None: all); small shapes as served
+    and eager only."""
     backend = runner.backend
     graphs = runner.hybrid_graphs
     flashinfer = hasattr(backend, "hybrid_decode_kernels")
-    variants = [HybridVariant("", graphs)]
-    if graphs is not None:
-        variants.append(HybridVariant(", eager", None))
-    if flashinfer:
-        variants.append(HybridVariant(", decodes through our split-KV kernel", graphs, split_max=1 << 20))
-        variants.append(HybridVariant(", chunks through FlashInfer's FA2 kernel", graphs, prefill="fa2"))
-        variants.append(HybridVariant(", chunks through our Triton kernel", graphs, triton_chunks=1 << 20))
-        variants.append(HybridVariant(", one prefill launch for all", graphs, decode_kernels=False))
-    small = [(shape, variants[:2]) for shape in small_shapes]
+    variants = [v for v in hybrid_variants(graphs, flashinfer) if keys is None or v.key in keys]
+    small = [(shape, [v for v in variants if v.key in ("served", "eager")]) for shape in small_shapes]
     for (chunk, decodes, context), shape_variants in [(s, variants) for s in shapes] + small:
         floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
         for v in shape_variants:
@@ -135,6 +145,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
                 backend.hybrid_split_max = v.split_max
                 backend.set_prefill_backend(v.prefill)
                 backend.triton_chunk_max_tokens = v.triton_chunks
+                backend.hybrid_pod = v.pod
             times = bench_hybrid(driver, decodes, chunk, 5, context)
             rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){v.label}",
                          f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})",
@@ -146,17 +157,21 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
         backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
         backend.set_prefill_backend("auto")
         backend.triton_chunk_max_tokens = 0
+        backend.hybrid_pod = False
 
 
 @dataclass(frozen=True)
 class HybridVariant:
-    """One way to run the hybrid rows: the label's suffix, and what differs from serving."""
+    """One way to run the hybrid rows: its key (--hybrid-variants), the label's suffix, and
+    what differs from serving."""
+    key: str
     label: str
     graphs: object                  # the runner's HybridGraphs, or None: eager
     decode_kernels: bool = True     # decodes apart from the chunks (False: one prefill launch)
     split_max: int | None = None    # decodes through our split-KV kernel up to this many
     prefill: str = "auto"           # FlashInfer's prefill backend for the chunks ("auto": as served)
     triton_chunks: int = 0          # chunks of up to this many tokens through our Triton kernel
+    pod: bool = False               # chunks and decodes in one FlashInfer POD-Attention launch
 
 
 def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:
@@ -212,6 +227,10 @@ def main() -> None:
                     metavar="CHUNK,DECODES,CONTEXT",
                     help="hybrid rows (and profiles) for these shapes instead of the acceptance ones; "
                          "repeatable (e.g. 512,256,640: the offline workload's steady state)")
+    ap.add_argument("--hybrid-variants", nargs="+", metavar="KEY",
+                    choices=[v.key for v in hybrid_variants(True, True)],
+                    help="time only these ways of running the hybrid rows (default: all); "
+                         "fa2 and pod JIT-compile FlashInfer kernels on first use (~1.5 min each)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     shapes = tuple(args.hybrid_shape) or HYBRID_SHAPES
@@ -284,7 +303,8 @@ def main() -> None:
                      f"{flops / mm * 1e3:.1f} ms", f"MFU {flops / s / mm * 100:.0f}%"))
         results[f"prefill_{n}_s"] = s
 
-    hybrid_rows(driver, runner, config, mm, bw, rows, results, shapes, small_shapes)
+    hybrid_rows(driver, runner, config, mm, bw, rows, results, shapes, small_shapes,
+                tuple(args.hybrid_variants) if args.hybrid_variants else None)
     profiles = []
     if args.profile_hybrid:
         from benchmarks.step.hybrid_profile import profile_hybrid

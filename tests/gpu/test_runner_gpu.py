@@ -108,6 +108,17 @@ def test_hybrid_chunks_through_the_triton_kernel_match_torch_reference(torch_bf1
     compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
 
 
+@pytest.mark.parametrize("hybrid_tokens", [0, 128])
+def test_hybrid_iterations_through_pod_attention_match_torch_reference(torch_bf16, hybrid_tokens):
+    """With hybrid_pod set, a hybrid iteration's chunks and decodes run in one launch of
+    FlashInfer's POD-Attention kernel, eagerly and between hybrid graph pieces."""
+    pytest.importorskip("flashinfer")
+    runner = make_runner("flashinfer", torch.bfloat16, True, hybrid_tokens=hybrid_tokens)
+    runner.backend.hybrid_pod = True
+    compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
+    assert runner.backend._pod is not None   # some iteration had decodes beside a chunk
+
+
 def test_graphs_match_eager_flashinfer():
     pytest.importorskip("flashinfer")
     eager = drive(make_runner("flashinfer", torch.bfloat16, False), prompts(), NEW_TOKENS)
