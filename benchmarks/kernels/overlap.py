@@ -10,7 +10,9 @@ attention kernel beside a GEMM that wants every SM. This measures that, per Llam
 - FlashInfer's decode attention (tensor-core kernel, as the worker runs it) over B sequences at
   context C, alone;
 - both, one after the other, then side by side on two streams (forked and joined per layer),
-  with cuBLAS told to leave 0 or more SMs free (`torch._C._set_sm_carveout_experimental`);
+  with cuBLAS told to leave 0 or more SMs free (`torch._C._set_sm_carveout_experimental`), the
+  attention's stream at normal and at high priority (a GEMM's tiles use most of an SM's shared
+  memory, so attention gets an SM only when a tile ends: priority decides who gets it);
 each shape's 32 layers captured in one CUDA graph (eager timing where capture fails). If side by
 side comes near the larger of the two, overlap is worth building into the runner; near the sum,
 it is not.
@@ -129,7 +131,7 @@ def timings(shape: OverlapShape, carveouts: list[int]) -> list[tuple[str, float,
     """(what, us per layer, how timed) for one shape."""
     gemms = gemm_calls(shape.tokens)
     attention = attention_calls(shape.decodes, shape.context)
-    side = torch.cuda.Stream()
+    normal, urgent = torch.cuda.Stream(), torch.cuda.Stream(priority=-1)
 
     def alone_gemms() -> None:
         for _ in range(LAYERS):
@@ -144,14 +146,16 @@ def timings(shape: OverlapShape, carveouts: list[int]) -> list[tuple[str, float,
             attention[i % CACHES]()
             gemms()
 
-    def side_by_side() -> None:
-        main = torch.cuda.current_stream()
-        for i in range(LAYERS):
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                attention[i % CACHES]()
-            gemms()
-            main.wait_stream(side)
+    def side_by_side(side: torch.cuda.Stream) -> Callable[[], None]:
+        def run() -> None:
+            main = torch.cuda.current_stream()
+            for i in range(LAYERS):
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    attention[i % CACHES]()
+                gemms()
+                main.wait_stream(side)
+        return run
 
     rows = [("GEMMs alone", *microseconds(alone_gemms)),
             ("attention alone", *microseconds(alone_attention)),
@@ -161,7 +165,9 @@ def timings(shape: OverlapShape, carveouts: list[int]) -> list[tuple[str, float,
         try:
             if n:
                 rows.append((f"GEMMs alone, {n} SMs left free", *microseconds(alone_gemms)))
-            rows.append((f"side by side, {n} SMs left free by cuBLAS", *microseconds(side_by_side)))
+            for side, name in ((normal, ""), (urgent, ", attention at high priority")):
+                rows.append((f"side by side, {n} SMs left free by cuBLAS{name}",
+                             *microseconds(side_by_side(side))))
         finally:
             torch._C._set_sm_carveout_experimental(None)
     return rows

@@ -24,7 +24,7 @@ from scheduler_service.request import Request, RequestStatus
 class PolicyConfig:
     token_budget: int = 512          # tokens per iteration (Sarathi's chunk size; vLLM's
                                      # max_num_batched_tokens for the whole-prompt policies)
-    max_batch_size: int = 128        # sequences per iteration
+    max_batch_size: int = 256        # sequences per iteration
     # sarathi_dynamic: the iteration time to stay within, and the model that predicts it.
     target_iteration_ms: float = 50.0
     cost_model: IterationCostModel = field(default_factory=IterationCostModel)
