@@ -1,9 +1,10 @@
 """Can decode attention run beside the GEMMs? The question under nano-batch overlap (NanoFlow).
 
 Every iteration we run is a sum: its GEMMs at the tensor cores' rate, then its decodes' attention
-at the copy bandwidth. Offline at 512 decodes (context ~640, Llama-3-8B) those are ~12 ms and
-~10 ms a step, so a step that ran one beside the other would take ~12: the only lever left
-that is worth 1.1x and more (issue 22, items 2 and 3). Splitting the batch in two and running
+at the copy bandwidth. In the offline run's hybrid step (512-token chunk + 256 decodes at ~640,
+Llama-3-8B, H200) those were 14.4 ms and 5.95 ms of 24.0 (benchmarks/step/gpu_bench_results.md),
+so a step that ran one beside the other would take ~18: the lever left that is worth 1.1x and
+more (issue 22, items 2 and 3). Splitting the batch in two and running
 half A's attention beside half B's GEMMs gets there only if the GPU does run a memory-bound
 attention kernel beside a GEMM that wants every SM. This measures that, per Llama-3-8B layer:
 - the layer's four GEMMs (QKV, O, gate-up, down) over M tokens, alone;
@@ -17,12 +18,12 @@ each shape's 32 layers captured in one CUDA graph (eager timing where capture fa
 side comes near the larger of the two, overlap is worth building into the runner; near the sum,
 it is not.
 
-  python -m benchmarks.kernels.overlap [--shapes 256,256@640 512,64@1024 1024,128@4096]
+  python -m benchmarks.kernels.overlap [--shapes 384,128@640 128,128@640 512,64@1024]
       [--carveouts 0 16 32]
 
-Shapes are M,B@C: M tokens through the GEMMs, B decodes at context C through attention (the
-first default is half of an offline step of 512 decodes; the second, the first acceptance row's
-chunk beside its decodes).
+Shapes are M,B@C: M tokens through the GEMMs, B decodes at context C through attention. The
+defaults: half of the offline run's hybrid step (512-token chunk + 256 decodes at ~640), half of
+its decode-only step (256 decodes), and the first acceptance row's chunk beside its 64 decodes.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def timings(shape: OverlapShape, carveouts: list[int]) -> list[tuple[str, float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=overlap_shape, nargs="+",
-                    default=[overlap_shape(s) for s in ("256,256@640", "512,64@1024", "1024,128@4096")])
+                    default=[overlap_shape(s) for s in ("384,128@640", "128,128@640", "512,64@1024")])
     ap.add_argument("--carveouts", type=int, nargs="+", default=[0, 16, 32],
                     help="SMs cuBLAS leaves free for the attention beside it (0: none)")
     args = ap.parse_args()
