@@ -51,6 +51,10 @@ def test_pod_attention_reaches_the_worker_and_every_rank_it_starts():
     assert flag_values(peer, "--hybrid-attention") == ["pod"]
 
 
+def test_nano_batches_reach_the_worker_serve_starts():
+    assert flag_values(command_for("--nano-batch-tokens", "1024"), "--nano-batch-tokens") == ["1024"]
+
+
 def test_serve_starts_one_worker_even_for_a_replica():
     cmd = command_for("--tensor-parallel-size", "2", "--pipeline-parallel-size", "2")
     assert flag_values(cmd, "--tensor-parallel-size") == ["2"]

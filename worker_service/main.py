@@ -28,6 +28,9 @@ def run_worker(config: WorkerConfig) -> None:
         check_backend(config.attention, device, config.hybrid_attention)
     except ValueError as e:
         raise SystemExit(f"worker: {e}") from None
+    if config.nano_batch_tokens < 0 or (config.nano_batch_tokens and config.world_size > 1):
+        raise SystemExit(f"worker: --nano-batch-tokens {config.nano_batch_tokens}: give a token count "
+                         f"(0: off), for a whole model on one device (not a parallel replica)")
     source = resolve(config.model)
     if config.world_size > 1:
         from worker_service.parallel.local import start_local_ranks
@@ -49,6 +52,9 @@ def run_worker(config: WorkerConfig) -> None:
     graphs = device.type == "cuda" and config.cuda_graphs
     runner = ModelRunner(model, device, dtype, cuda_graphs=graphs,
                          hybrid_graph_tokens=config.graph_tokens(graphs))
+    if config.nano_batch_tokens:
+        runner.enable_nano_batches(config.nano_batch_tokens, tuple(
+            make_backend(config.attention, device, config.hybrid_attention) for _ in range(2)))
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
           f"loaded in {time.monotonic() - start:.1f} s", flush=True)
     serve_worker(runner, config, weight_bytes)

@@ -81,6 +81,8 @@ def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+NANO_OFF = 1 << 62   # nano-batches from this many tokens: never
+
 # The hybrid iterations of the issue's acceptance: (chunk tokens, decodes, the decodes' context).
 HYBRID_SHAPES = ((512, 64, 1024), (2048, 64, 1024), (2048, 128, 4096))
 # Small chunks, where launches rather than kernels may bound an iteration: graphs or not.
@@ -116,6 +118,7 @@ def hybrid_variants(graphs, flashinfer: bool) -> list[HybridVariant]:
     variants = [HybridVariant("served", "", graphs)]
     if graphs is not None:
         variants.append(HybridVariant("eager", ", eager", None))
+    variants.append(HybridVariant("nano", ", two nano-batches on two streams (eager)", graphs, nano=True))
     if flashinfer:
         variants += [
             HybridVariant("split-kv", ", decodes through our split-KV kernel", graphs, split_max=1 << 20),
@@ -140,6 +143,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
         floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
         for v in shape_variants:
             runner.hybrid_graphs = v.graphs
+            runner.nano_batches.min_tokens = 1 if v.nano else NANO_OFF
             if flashinfer:
                 backend.hybrid_decode_kernels = v.decode_kernels
                 backend.hybrid_split_max = v.split_max
@@ -153,6 +157,7 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
             key = f"hybrid_{chunk}_{decodes}_{context}{v.label.replace(', ', '_').replace(' ', '_')}"
             results[key] = vars(times)
     runner.hybrid_graphs = graphs
+    runner.nano_batches.min_tokens = NANO_OFF
     if flashinfer:
         backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
         backend.set_prefill_backend("auto")
@@ -172,6 +177,7 @@ class HybridVariant:
     prefill: str = "auto"           # FlashInfer's prefill backend for the chunks ("auto": as served)
     triton_chunks: int = 0          # chunks of up to this many tokens through our Triton kernel
     pod: bool = False               # chunks and decodes in one FlashInfer POD-Attention launch
+    nano: bool = False              # two nano-batches on two streams (worker_service/nano_batches.py)
 
 
 def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:
@@ -252,6 +258,8 @@ def main() -> None:
     sizes = tuple(sorted(set(DECODE_BATCHES) | {1, 2, 4}))
     runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=not args.no_graphs,
                          graph_batch_sizes=sizes, hybrid_graph_tokens=args.hybrid_graph_tokens)
+    # Built for the nano variant, off (NANO_OFF tokens) everywhere else.
+    runner.enable_nano_batches(NANO_OFF, (make_backend(args.backend, DEV), make_backend(args.backend, DEV)))
     budget = runner.profile_free_memory(8192)
     num_blocks = min(budget, int(args.kv_gb * 2 ** 30)) // runner.bytes_per_block(BLOCK)
     runner.init_cache(num_blocks, BLOCK)

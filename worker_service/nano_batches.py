@@ -1,0 +1,117 @@
+"""An iteration as two nano-batches on two CUDA streams, so that one half's memory-bound attention
+can run while the other half's GEMMs hold the tensor cores (NanoFlow's overlap).
+
+Kernel by kernel, an iteration costs its GEMMs plus its decodes' attention; side by side it could
+cost less than that sum (issue 22). Each nano-batch is some of the iteration's sequences, whole:
+their rows are independent of the other half's at every layer, so the two need no
+synchronisation but a fork before the first layer and a join after the last. Each has its own
+attention backend, planned for its rows. The layers run eagerly, issued in turn (A's layer i,
+B's layer i, ...): only iterations whose device time far exceeds their launches should take this
+path (`min_tokens`). benchmarks/step/nano_batch.py measures the same split on whole iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from worker_service.attention import AttentionBackend, AttentionMetadata
+from worker_service.models.llama import LlamaModel
+from worker_service.upload import upload
+
+if TYPE_CHECKING:
+    from worker_service.runner import HostBatch
+
+
+def split_sequences(query_start: list[int]) -> tuple[list[int], list[int]] | None:
+    """Sequence indices of the two nano-batches: half the decodes, with every prefill chunk, in
+    the first; the other half of the decodes in the second (None: fewer than two decodes)."""
+    decodes = sum(1 for a, b in zip(query_start, query_start[1:], strict=False) if b - a == 1)
+    if decodes < 2:
+        return None
+    half = decodes // 2
+    return list(range(half)) + list(range(decodes, len(query_start) - 1)), list(range(half, decodes))
+
+
+class NanoBatches:
+    """Runs the model over an iteration as two nano-batches, each on its own stream."""
+
+    def __init__(self, model: LlamaModel, backends: tuple[AttentionBackend, AttentionBackend],
+                 device: torch.device, dtype: torch.dtype, min_tokens: int, block_size: int) -> None:
+        c = model.config
+        for backend in backends:
+            backend.configure(c.num_heads, c.num_kv_heads, c.head_dim, dtype)
+        self.model, self.backends, self.device = model, backends, device
+        self.min_tokens, self.block_size = min_tokens, block_size
+        # The second holds decodes only: its memory-bound attention goes first when both wait.
+        self.streams = ((torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1))
+                        if device.type == "cuda" else (None, None))
+
+    def split(self, rows: HostBatch) -> tuple[list[int], list[int]] | None:
+        if rows.query_start[-1] < self.min_tokens:
+            return None
+        return split_sequences(rows.query_start)
+
+    def plan(self, rows: HostBatch, parts: tuple[list[int], list[int]]) -> list[_Part]:
+        """Each nano-batch's token rows, inputs and metadata, its backend planned (host work,
+        before the iteration's first kernel)."""
+        out = []
+        for seqs, backend, stream in zip(parts, self.backends, self.streams, strict=True):
+            part = _Part(rows, seqs, self.device, self.block_size, backend, stream)
+            backend.begin_iteration(part.meta)
+            out.append(part)
+        return out
+
+    def run(self, parts: list[_Part], input_ids: torch.Tensor, kv_caches: list[torch.Tensor]
+            ) -> torch.Tensor:
+        """Hidden states [tokens, hidden] in the iteration's row order."""
+        m = self.model
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for part in parts:
+            part.x, part.residual = m.embed_tokens(input_ids[part.token_rows]), None
+            if part.stream is not None:
+                part.stream.wait_stream(main)
+        for layer, cache in zip(m.layers, kv_caches, strict=True):
+            for part in parts:
+                with torch.cuda.stream(part.stream) if part.stream is not None else contextlib.nullcontext():
+                    q, part.residual = layer.begin(part.x, part.residual, part.positions, m.rotary,
+                                                   cache, part.meta)
+                    attn = part.backend.forward(q, cache, part.meta, layer.attn.scale)
+                    part.x, part.residual = layer.end(attn, part.residual)
+        for part in parts:
+            if part.stream is not None:
+                main.wait_stream(part.stream)
+        hidden = torch.empty(input_ids.shape[0], m.config.hidden_size, dtype=parts[0].x.dtype,
+                             device=self.device)
+        for part in parts:
+            hidden[part.token_rows] = part.x + part.residual
+        return hidden
+
+
+class _Part:
+    """One nano-batch of an iteration."""
+
+    def __init__(self, rows: HostBatch, seqs: list[int], device: torch.device, block_size: int,
+                 backend: AttentionBackend, stream: torch.cuda.Stream | None) -> None:
+        qs = rows.query_start
+        token_rows = [t for s in seqs for t in range(qs[s], qs[s + 1])]
+        starts = [0]
+        for s in seqs:
+            starts.append(starts[-1] + qs[s + 1] - qs[s])
+        tables = [rows.tables[s] for s in seqs]
+        width = max(len(t) for t in tables)
+        context = [rows.context_lens[s] for s in seqs]
+        self.token_rows = upload(token_rows, torch.int64, device)
+        self.positions = upload([rows.positions[t] for t in token_rows], torch.int64, device)
+        self.meta = AttentionMetadata(
+            query_start=upload(starts, torch.int32, device),
+            context_lens=upload(context, torch.int32, device),
+            block_tables=upload([t + [0] * (width - len(t)) for t in tables], torch.int32, device),
+            slot_mapping=upload([rows.slots[t] for t in token_rows], torch.int64, device),
+            block_size=block_size, query_start_host=starts, context_lens_host=context,
+            num_decode_only=starts[-1] == len(seqs))
+        self.backend, self.stream = backend, stream
+        self.x: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
