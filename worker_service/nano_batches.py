@@ -46,8 +46,10 @@ class NanoBatches:
         self.model, self.backends, self.device = model, backends, device
         self.min_tokens, self.block_size = min_tokens, block_size
         # The second holds decodes only: its memory-bound attention goes first when both wait.
-        self.streams = ((torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1))
-                        if device.type == "cuda" else (None, None))
+        # (None: the current stream, as on the CPU.)
+        self.streams: tuple[torch.cuda.Stream | None, torch.cuda.Stream | None] = (None, None)
+        if device.type == "cuda":
+            self.streams = (torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1))
 
     def split(self, rows: HostBatch) -> tuple[list[int], list[int]] | None:
         if rows.query_start[-1] < self.min_tokens:
@@ -58,8 +60,8 @@ class NanoBatches:
         """Each nano-batch's token rows, inputs and metadata, its backend planned (host work,
         before the iteration's first kernel)."""
         out = []
-        for seqs, backend, stream in zip(parts, self.backends, self.streams, strict=True):
-            part = _Part(rows, seqs, self.device, self.block_size, backend, stream)
+        for seqs, backend in zip(parts, self.backends, strict=True):
+            part = _Part(rows, seqs, self.device, self.block_size, backend)
             backend.begin_iteration(part.meta)
             out.append(part)
         return out
@@ -68,21 +70,21 @@ class NanoBatches:
             ) -> torch.Tensor:
         """Hidden states [tokens, hidden] in the iteration's row order."""
         m = self.model
-        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        streams = [s for s in self.streams if s is not None]
+        main = torch.cuda.current_stream(self.device) if streams else None
         for part in parts:
             part.x, part.residual = m.embed_tokens(input_ids[part.token_rows]), None
-            if part.stream is not None:
-                part.stream.wait_stream(main)
+        for stream in streams:
+            stream.wait_stream(main)
         for layer, cache in zip(m.layers, kv_caches, strict=True):
-            for part in parts:
-                with torch.cuda.stream(part.stream) if part.stream is not None else contextlib.nullcontext():
+            for part, stream in zip(parts, self.streams, strict=True):
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     q, part.residual = layer.begin(part.x, part.residual, part.positions, m.rotary,
                                                    cache, part.meta)
                     attn = part.backend.forward(q, cache, part.meta, layer.attn.scale)
                     part.x, part.residual = layer.end(attn, part.residual)
-        for part in parts:
-            if part.stream is not None:
-                main.wait_stream(part.stream)
+        for stream in streams:
+            main.wait_stream(stream)
         hidden = torch.empty(input_ids.shape[0], m.config.hidden_size, dtype=parts[0].x.dtype,
                              device=self.device)
         for part in parts:
@@ -94,24 +96,17 @@ class _Part:
     """One nano-batch of an iteration."""
 
     def __init__(self, rows: HostBatch, seqs: list[int], device: torch.device, block_size: int,
-                 backend: AttentionBackend, stream: torch.cuda.Stream | None) -> None:
+                 backend: AttentionBackend) -> None:
         qs = rows.query_start
         token_rows = [t for s in seqs for t in range(qs[s], qs[s + 1])]
         starts = [0]
         for s in seqs:
             starts.append(starts[-1] + qs[s + 1] - qs[s])
-        tables = [rows.tables[s] for s in seqs]
-        width = max(len(t) for t in tables)
-        context = [rows.context_lens[s] for s in seqs]
         self.token_rows = upload(token_rows, torch.int64, device)
         self.positions = upload([rows.positions[t] for t in token_rows], torch.int64, device)
-        self.meta = AttentionMetadata(
-            query_start=upload(starts, torch.int32, device),
-            context_lens=upload(context, torch.int32, device),
-            block_tables=upload([t + [0] * (width - len(t)) for t in tables], torch.int32, device),
-            slot_mapping=upload([rows.slots[t] for t in token_rows], torch.int64, device),
-            block_size=block_size, query_start_host=starts, context_lens_host=context,
-            num_decode_only=starts[-1] == len(seqs))
-        self.backend, self.stream = backend, stream
+        self.meta = AttentionMetadata.from_host(
+            starts, [rows.context_lens[s] for s in seqs], [rows.tables[s] for s in seqs],
+            [rows.slots[t] for t in token_rows], block_size, device)
+        self.backend = backend
         self.x: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None

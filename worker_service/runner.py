@@ -362,17 +362,8 @@ class ModelRunner:
             return graphs.replay(padded, len(batch.input_ids))
         dev = self.device
         n = len(batch.input_ids)
-        width = max(len(t) for t in batch.tables)
-        meta = AttentionMetadata(
-            query_start=upload(batch.query_start, torch.int32, dev),
-            context_lens=upload(batch.context_lens, torch.int32, dev),
-            block_tables=upload([t + [0] * (width - len(t)) for t in batch.tables], torch.int32, dev),
-            slot_mapping=upload(batch.slots, torch.int64, dev),
-            block_size=self.block_size,
-            query_start_host=batch.query_start,
-            context_lens_host=batch.context_lens,
-            num_decode_only=batch.decode_only,
-        )
+        meta = AttentionMetadata.from_host(batch.query_start, batch.context_lens, batch.tables,
+                                           batch.slots, self.block_size, dev)
         ids = upload(batch.input_ids, torch.int64, dev)
         self._fill_device_inputs(ids, batch)
         hybrid = self.hybrid_graphs

@@ -6,12 +6,14 @@ each half its own stream, and one half's memory-bound attention can run while th
 GEMMs hold the tensor cores: an iteration could then take less than that sum (issue 22: the
 lever left for offline throughput and capacity). The split costs something too: each half reads
 the weights, and each GEMM is smaller. This measures both, before the runner learns to do it:
-the model's real layers (norms, fused rotary + KV store, FlashInfer attention planned once per
-nano-batch, MLP), all of an iteration's layers captured in one CUDA graph per variant:
-- one batch, as the worker runs it;
+the worker's own NanoBatches (worker_service/nano_batches.py, `--nano-batch-tokens`) on the
+model's layers, with FlashInfer attention planned once per nano-batch, each variant's whole
+iteration captured in one CUDA graph (as served, the nano-batches run eagerly: compare with
+gpu_bench's nano rows for what launches add):
+- one batch, through the model's forward;
 - two nano-batches in turn on one stream (what the split costs);
-- two nano-batches on two streams, the decode-heavy one's stream at normal or high priority,
-  with cuBLAS leaving 0 or more SMs free (`--carveouts`).
+- two nano-batches on two streams, the decodes-only one's stream at normal or (as the worker)
+  high priority, with cuBLAS leaving 0 or more SMs free (`--carveouts`).
 The hidden states of every variant are checked against the one batch's (a split that computes
 something else must not pass for a fast one).
 
@@ -35,6 +37,8 @@ from benchmarks.step.floors import hybrid_floor
 from sarathi_common.model_spec import resolve
 from worker_service.attention import AttentionMetadata
 from worker_service.models.loader import load_model
+from worker_service.nano_batches import NanoBatches
+from worker_service.runner import HostBatch
 
 DEV = torch.device("cuda")
 BLOCK = 16
@@ -90,49 +94,20 @@ def block_tables(rows: list[tuple[int, int]]) -> list[list[int]]:
     return tables
 
 
-class NanoBatch:
-    """Some rows of the iteration: their inputs, attention metadata and a FlashInfer backend of
-    their own, planned once."""
-
-    def __init__(self, model, rows: list[tuple[int, int]], tables: list[list[int]],
-                 hidden: torch.Tensor, positions: torch.Tensor) -> None:
-        from worker_service.attention.flashinfer_backend import FlashInferAttention
-
-        config = model.config
-        starts, slots = [0], []
-        for (q, ctx), table in zip(rows, tables, strict=True):
-            slots += (table[p // BLOCK] * BLOCK + p % BLOCK for p in range(ctx - q, ctx))
-            starts.append(starts[-1] + q)
-        width = max(len(t) for t in tables)
-        ctx = [c for _, c in rows]
-        self.meta = AttentionMetadata(
-            query_start=torch.tensor(starts, dtype=torch.int32, device=DEV),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=DEV),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                      device=DEV),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEV), block_size=BLOCK,
-            query_start_host=starts, context_lens_host=ctx, num_decode_only=starts[-1] == len(rows))
-        self.hidden, self.positions = hidden, positions
-        self.backend = FlashInferAttention(DEV, split_decode_max_batch=0)
-        self.backend.configure(config.num_heads, config.num_kv_heads, config.head_dim, torch.bfloat16)
-        self.backend.begin_iteration(self.meta)
-        self.x: torch.Tensor | None = None
-        self.residual: torch.Tensor | None = None
-
-    def start(self) -> None:
-        self.x, self.residual = self.hidden, None
-
-    def layer(self, model, i: int, cache: torch.Tensor) -> None:
-        layer = model.layers[i]
-        q, self.residual = layer.begin(self.x, self.residual, self.positions, model.rotary, cache, self.meta)
-        attn = self.backend.forward(q, cache, self.meta, layer.attn.scale)
-        self.x, self.residual = layer.end(attn, self.residual)
-
-    def output(self) -> torch.Tensor:
-        return self.x + self.residual
+def host_batch(shape: IterationShape, vocab: int) -> HostBatch:
+    """The iteration as the runner prepares it: decode rows first, every row's slots."""
+    rows, tables = shape.rows, block_tables(shape.rows)
+    gen = torch.Generator().manual_seed(0)
+    starts, positions, slots = [0], [], []
+    for (q, ctx), table in zip(rows, tables, strict=True):
+        starts.append(starts[-1] + q)
+        positions += range(ctx - q, ctx)
+        slots += (table[p // BLOCK] * BLOCK + p % BLOCK for p in range(ctx - q, ctx))
+    ids = torch.randint(1, vocab, (starts[-1],), generator=gen).tolist()
+    return HostBatch(ids, positions, slots, starts, [c for _, c in rows], tables, [], [])
 
 
-def device_ms(run: Callable[[], None]) -> tuple[float, str]:
+def device_ms(run: Callable[[], object]) -> tuple[float, str]:
     """Median device time of `run` replayed as one CUDA graph (eager where capture fails)."""
     import triton.testing
 
@@ -149,78 +124,44 @@ def device_ms(run: Callable[[], None]) -> tuple[float, str]:
     return triton.testing.do_bench(fn, warmup=5, rep=300, return_mode="median"), how
 
 
-def measure(model, caches: list[torch.Tensor], shape: IterationShape, carveouts: list[int]
-            ) -> list[tuple[str, float, str, float]]:
-    """(variant, ms, how timed, largest relative difference from the one batch) per variant."""
-    rows = shape.rows
-    config = model.config
-    tokens = sum(q for q, _ in rows)
-    gen = torch.Generator(device=DEV).manual_seed(0)
-    ids = torch.randint(1, config.vocab_size, (tokens,), device=DEV, generator=gen)
-    positions = torch.cat([torch.arange(ctx - q, ctx, device=DEV) for q, ctx in rows])
-    hidden = model.embed_tokens(ids)
-    starts = [0]
-    for q, _ in rows:
-        starts.append(starts[-1] + q)
-    tables = block_tables(rows)
+def measure(model, nano: NanoBatches, caches: list[torch.Tensor], shape: IterationShape,
+            carveouts: list[int]) -> list[tuple[str, float, str, float]]:
+    """(variant, ms, how timed, relative difference from the one batch) per variant: the one
+    batch through the model's forward, then each split through the worker's NanoBatches."""
+    batch = host_batch(shape, model.config.vocab_size)
+    ids = torch.tensor(batch.input_ids, device=DEV)
+    meta = AttentionMetadata.from_host(batch.query_start, batch.context_lens, batch.tables, batch.slots,
+                                       BLOCK, DEV)
+    model.backend.begin_iteration(meta)
+    positions = torch.tensor(batch.positions, device=DEV)
+    result: dict[str, torch.Tensor] = {}
 
-    def token_rows(indices: list[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(starts[i], starts[i + 1], device=DEV) for i in indices])
+    def whole() -> None:
+        result["hidden"] = model(ids, positions, caches, meta)
 
-    def part(indices: list[int]) -> NanoBatch:
-        picked = token_rows(indices)
-        return NanoBatch(model, [rows[i] for i in indices], [tables[i] for i in indices],
-                         hidden[picked], positions[picked])
-
-    whole = part(list(range(len(rows))))
-
-    def in_turn(*batches: NanoBatch) -> Callable[[], None]:
-        def run() -> None:
-            for b in batches:
-                b.start()
-            for i, cache in enumerate(caches):
-                for b in batches:
-                    b.layer(model, i, cache)
-        return run
-
-    def side_by_side(a: NanoBatch, b: NanoBatch, stream_b: torch.cuda.Stream) -> Callable[[], None]:
-        stream_a = torch.cuda.Stream()
-
-        def run() -> None:
-            main = torch.cuda.current_stream()
-            a.start()
-            b.start()
-            for stream in (stream_a, stream_b):
-                stream.wait_stream(main)
-            for i, cache in enumerate(caches):   # issued in turn; each stream runs at its pace
-                for stream, batch in ((stream_a, a), (stream_b, b)):
-                    with torch.cuda.stream(stream):
-                        batch.layer(model, i, cache)
-            for stream in (stream_a, stream_b):
-                main.wait_stream(stream)
-        return run
-
-    ms, how = device_ms(in_turn(whole))
-    want = whole.output().float()
-    out = [("one batch (as the worker)", ms, how, 0.0)]
-
-    def check(order: list[int], *batches: NanoBatch) -> float:
-        got = torch.cat([b.output() for b in batches]).float()
-        ref = want[token_rows(order)]
-        return ((got - ref).norm() / ref.norm()).item()
-
+    ms, how = device_ms(whole)
+    want = result["hidden"].float()
+    out = [("one batch (as the worker without nano-batches)", ms, how, 0.0)]
     for name, rows_a, rows_b in shape.splits():
-        a, b = part(rows_a), part(rows_b)
-        ms, how = device_ms(in_turn(a, b))
-        out.append((f"{name}: in turn", ms, how, check(rows_a + rows_b, a, b)))
+        planned = nano.plan(batch, (rows_a, rows_b))
+
+        def timed(label: str, streams, planned=planned, name=name) -> None:
+            nano.streams = streams
+
+            def split() -> None:
+                result["hidden"] = nano.run(planned, ids, caches)
+            ms, how = device_ms(split)
+            got = result["hidden"].float()
+            out.append((f"{name}: {label}", ms, how, ((got - want).norm() / want.norm()).item()))
+
+        timed("in turn, one stream", (None, None))
         for n in carveouts:
             torch._C._set_sm_carveout_experimental(n or None)
+            free = f", cuBLAS leaving {n} SMs" if n else ""
             try:
-                for priority, label in ((0, ""), (-1, ", decodes' stream at high priority")):
-                    ms, how = device_ms(side_by_side(a, b, torch.cuda.Stream(priority=priority)))
-                    free = f", cuBLAS leaving {n} SMs" if n else ""
-                    out.append((f"{name}: two streams{free}{label}", ms, how,
-                                check(rows_a + rows_b, a, b)))
+                timed(f"two streams{free}", (torch.cuda.Stream(), torch.cuda.Stream()))
+                timed(f"two streams{free}, decodes' stream at high priority (as the worker)",
+                      (torch.cuda.Stream(), torch.cuda.Stream(priority=-1)))
             finally:
                 torch._C._set_sm_carveout_experimental(None)
     return out
@@ -239,6 +180,9 @@ def main() -> None:
     bw, mm = measure_copy_bandwidth(), measure_matmul_flops()
     model = load_model(resolve(f"dummy:{args.model}"), FlashInferAttention(DEV), DEV, torch.bfloat16)
     config = model.config
+    model.backend.configure(config.num_heads, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    nano = NanoBatches(model, (FlashInferAttention(DEV), FlashInferAttention(DEV)), DEV, torch.bfloat16,
+                       1, BLOCK)
     blocks = max(sum(map(len, block_tables(s.rows))) for s in args.shapes)
     caches = [torch.zeros(blocks, 2, BLOCK, config.num_kv_heads, config.head_dim, device=DEV,
                           dtype=torch.bfloat16) for _ in range(config.num_layers)]
@@ -251,7 +195,7 @@ def main() -> None:
             print(f"### {shape.label} (layers only; sequential floor {floor:.2f} ms)\n\n"
                   f"| variant | device ms | against the floor | timed as | difference from one batch |\n"
                   f"| --- | --- | --- | --- | --- |")
-            for name, ms, how, diff in measure(model, caches, shape, args.carveouts):
+            for name, ms, how, diff in measure(model, nano, caches, shape, args.carveouts):
                 print(f"| {name} | {ms:.2f} | {ms / floor:.2f}x | {how} | {diff:.1e} |", flush=True)
             print()
 

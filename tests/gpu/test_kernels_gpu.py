@@ -155,21 +155,13 @@ def random_batch(query_lens: list[int], context_lens: list[int], block_size: int
         need = -(-ctx // block_size)
         tables.append(blocks[:need])
         blocks = blocks[need:]
-    width = max(len(t) for t in tables)
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
     slots = [tables[i][p // block_size] * block_size + p % block_size
              for i, (n, ctx) in enumerate(zip(query_lens, context_lens, strict=True))
              for p in range(ctx - n, ctx)]
-    return AttentionMetadata(
-        query_start=torch.tensor(starts, dtype=torch.int32, device=DEV),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEV),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                  device=DEV),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEV),
-        block_size=block_size, query_start_host=starts, context_lens_host=context_lens,
-        num_decode_only=all(n == 1 for n in query_lens))
+    return AttentionMetadata.from_host(starts, list(context_lens), tables, slots, block_size, DEV)
 
 
 BATCHES = [

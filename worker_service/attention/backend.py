@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_service.upload import upload
+
 
 @dataclass
 class AttentionMetadata:
@@ -33,6 +35,20 @@ class AttentionMetadata:
     # > 0 while a CUDA graph of this many (padded) decode rows is captured or replayed: the
     # backend must then read only buffers that stay at fixed addresses for that batch size.
     graph_batch_size: int = 0
+
+    @classmethod
+    def from_host(cls, query_start: list[int], context_lens: list[int], tables: list[list[int]],
+                  slots: list[int], block_size: int, device: torch.device) -> AttentionMetadata:
+        """An iteration's metadata from host lists (block tables padded to the longest), its
+        tensors uploaded without waiting for the device."""
+        width = max(len(t) for t in tables)
+        return cls(
+            query_start=upload(query_start, torch.int32, device),
+            context_lens=upload(context_lens, torch.int32, device),
+            block_tables=upload([t + [0] * (width - len(t)) for t in tables], torch.int32, device),
+            slot_mapping=upload(slots, torch.int64, device), block_size=block_size,
+            query_start_host=query_start, context_lens_host=context_lens,
+            num_decode_only=query_start[-1] == len(context_lens))
 
     @property
     def max_query_len(self) -> int:
