@@ -82,6 +82,7 @@ def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
 
 
 NANO_OFF = 1 << 62   # nano-batches from this many tokens: never
+NANO_DECODE_BATCHES = (128, 256)
 
 # The hybrid iterations of the issue's acceptance: (chunk tokens, decodes, the decodes' context).
 HYBRID_SHAPES = ((512, 64, 1024), (2048, 64, 1024), (2048, 128, 4096))
@@ -313,6 +314,14 @@ def main() -> None:
 
     hybrid_rows(driver, runner, config, mm, bw, rows, results, shapes, small_shapes,
                 tuple(args.hybrid_variants) if args.hybrid_variants else None)
+    if not args.hybrid_variants or "nano" in args.hybrid_variants:
+        # Decode-only steps in two nano-batches (eager) against their graphs, as served.
+        for b in NANO_DECODE_BATCHES:
+            results[f"decode_{b}"] = vars(decode_row(f"decode step, batch {b}, context {CONTEXT}", b))
+            runner.nano_batches.min_tokens = 1
+            results[f"decode_nano_{b}"] = vars(decode_row(
+                f"decode step, batch {b}, two nano-batches on two streams (eager)", b))
+            runner.nano_batches.min_tokens = NANO_OFF
     profiles = []
     if args.profile_hybrid:
         from benchmarks.step.hybrid_profile import profile_hybrid
