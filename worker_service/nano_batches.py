@@ -13,16 +13,13 @@ path (`min_tokens`). benchmarks/step/nano_batch.py measures the same split on wh
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
 
 from worker_service.attention import AttentionBackend, AttentionMetadata
+from worker_service.host_batch import HostBatch
 from worker_service.models.llama import LlamaModel
 from worker_service.upload import upload
-
-if TYPE_CHECKING:
-    from worker_service.runner import HostBatch
 
 
 def split_sequences(query_start: list[int]) -> tuple[list[int], list[int]] | None:

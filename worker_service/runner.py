@@ -19,6 +19,7 @@ from worker_service import memory
 from worker_service.attention import AttentionBackend, AttentionMetadata
 from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, HybridGraphs
 from worker_service.executor import PlanError
+from worker_service.host_batch import HostBatch
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.nano_batches import NanoBatches
@@ -59,26 +60,6 @@ class LaunchedStep:
     begin: torch.cuda.Event | None = None               # just before the model's first kernel
     end: torch.cuda.Event | None = None                 # after the copy of the tokens
     timings: StepTimings = field(default_factory=StepTimings)
-
-
-@dataclass
-class HostBatch:
-    """One iteration's inputs as host lists, before they become device tensors."""
-
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    query_start: list[int]
-    context_lens: list[int]
-    tables: list[list[int]]
-    sample_rows: list[int]
-    sample_seqs: list[int]
-    # Inputs still on the device (tokens of steps in flight): (source, source rows, input rows).
-    device_inputs: list[tuple[torch.Tensor, list[int], list[int]]] = field(default_factory=list)
-
-    @property
-    def decode_only(self) -> bool:
-        return self.query_start[-1] == len(self.context_lens)
 
 
 class ModelRunner:

@@ -36,9 +36,9 @@ from benchmarks.step.driver import measure_copy_bandwidth, measure_matmul_flops
 from benchmarks.step.floors import hybrid_floor
 from sarathi_common.model_spec import resolve
 from worker_service.attention import AttentionMetadata
+from worker_service.host_batch import HostBatch
 from worker_service.models.loader import load_model
 from worker_service.nano_batches import NanoBatches
-from worker_service.runner import HostBatch
 
 DEV = torch.device("cuda")
 BLOCK = 16

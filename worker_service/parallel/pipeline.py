@@ -16,9 +16,10 @@ from torch import nn
 
 from protos.batch_plan import BatchPlan, StepOutput
 from worker_service import memory
+from worker_service.host_batch import HostBatch
 from worker_service.models.llama import LlamaModel
 from worker_service.parallel.layout import split_layers
-from worker_service.runner import HostBatch, ModelRunner
+from worker_service.runner import ModelRunner
 
 
 class HiddenLink(Protocol):
