@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_parallel_sharding import CPU, _load
 from test_runner_launch_ahead import _plans
 
-from benchmarks.step.harness import drive
+from benchmarks.step.harness import drive, launch_ahead
 from worker_service.attention import make_backend
 from worker_service.nano_batches import split_sequences
 from worker_service.runner import ModelRunner
@@ -84,14 +84,7 @@ def test_tokens_still_in_flight_reach_both_nano_batches():
     expected = [serial.execute(p).token_ids for p in plans]
     ahead = runner(True)
     splits = record_splits(ahead)
-    got, previous = [], None
-    for plan in plans:
-        step = ahead.launch(plan)
-        if previous is not None:
-            got.append(ahead.finish(previous).token_ids)
-        previous = step
-    got.append(ahead.finish(previous).token_ids)
-    assert got == expected
+    assert launch_ahead(ahead, plans) == expected
     assert sum(s is not None for s in splits) >= 6   # the decode steps of five sequences
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_parallel_sharding import CPU, _load
 
-from benchmarks.step.harness import PlanMaker
+from benchmarks.step.harness import PlanMaker, launch_ahead
 from worker_service.runner import ModelRunner, PlanError
 
 
@@ -32,15 +32,7 @@ def test_launching_the_next_step_before_reading_tokens_changes_no_token():
     expected = [serial.execute(p).token_ids for p in plans]
 
     ahead = _runner()
-    got: list[list[int]] = []
-    previous = None
-    for plan in plans:
-        step = ahead.launch(plan)    # the tokens of `previous` are not on the host yet
-        if previous is not None:
-            got.append(ahead.finish(previous).token_ids)
-        previous = step
-    got.append(ahead.finish(previous).token_ids)
-    assert got == expected
+    assert launch_ahead(ahead, plans) == expected
     assert all(-1 not in s.token_ids for s in ahead.seqs.values())
 
 

@@ -8,6 +8,25 @@ from collections.abc import Callable
 import torch
 
 
+def graph_or_eager_ms(run: Callable[[], object], warmup: int = 20, rep: int = 200) -> tuple[float, str]:
+    """Median device milliseconds of `run` (its work on any streams it forks), replayed as one
+    CUDA graph, or eagerly (launch gaps included) where capture fails. -> (ms, "graph" or
+    "eager")."""
+    import triton.testing
+
+    run()   # compile, autotune and allocate outside the capture
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        fn, how = graph.replay, "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        fn, how = run, "eager"
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"), how
+
+
 def microseconds_per_call(calls: list[Callable[[], object]]) -> float:
     """Median device time of one replay of all `calls` (captured in order), per call."""
     import triton.testing

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.kernels.graph_timing import graph_or_eager_ms
 from worker_service.attention import AttentionMetadata
 
 DEV = torch.device("cuda")
@@ -110,21 +111,8 @@ def attention_calls(decodes: int, context: int) -> list[Callable[[], object]]:
 
 
 def microseconds(run_layers: Callable[[], None]) -> tuple[float, str]:
-    """Median device time per layer of `run_layers` (all LAYERS layers), replayed as one CUDA
-    graph; eager (with its launch gaps) where capture fails. -> (us, how)."""
-    import triton.testing
-
-    run_layers()   # compile, autotune and allocate outside the capture
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run_layers()
-        fn, how = graph.replay, "graph"
-    except RuntimeError:
-        torch.cuda.synchronize()
-        fn, how = run_layers, "eager"
-    ms = triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median")
+    """Median device time per layer of `run_layers` (all LAYERS layers). -> (us, how timed)."""
+    ms, how = graph_or_eager_ms(run_layers)
     return ms * 1e3 / LAYERS, how
 
 

@@ -6,6 +6,8 @@ tests, which import it from here; nothing here imports tests/.
   sequences); the caller executes them.
 - `drive`: a runner through chunked prefills mixed with decodes until every prompt has its new
   tokens, recording the logits each sequence was sampled from.
+- `launch_ahead`: plans run as the worker serves them, each launched before the previous one's
+  tokens are read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,20 @@ from protos.batch_plan import BatchPlan, NewSequence, SamplingOptions
 from worker_service.runner import ModelRunner
 
 BLOCK = 16
+
+
+def launch_ahead(runner: ModelRunner, plans: list[BatchPlan]) -> list[list[int]]:
+    """Each plan's sampled tokens, plan i+1 launched before plan i's tokens reach the host (so
+    its decodes read their inputs on the device)."""
+    got: list[list[int]] = []
+    previous = None
+    for plan in plans:
+        step = runner.launch(plan)
+        if previous is not None:
+            got.append(runner.finish(previous).token_ids)
+        previous = step
+    got.append(runner.finish(previous).token_ids)
+    return got
 
 
 class PlanMaker:

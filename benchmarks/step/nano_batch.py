@@ -27,11 +27,11 @@ the chunk with half the decodes beside the other half; without, the decodes in h
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from benchmarks.kernels.graph_timing import graph_or_eager_ms
 from benchmarks.step.driver import measure_copy_bandwidth, measure_matmul_flops
 from benchmarks.step.floors import hybrid_floor
 from sarathi_common.model_spec import resolve
@@ -107,23 +107,6 @@ def host_batch(shape: IterationShape, vocab: int) -> HostBatch:
     return HostBatch(ids, positions, slots, starts, [c for _, c in rows], tables, [], [])
 
 
-def device_ms(run: Callable[[], object]) -> tuple[float, str]:
-    """Median device time of `run` replayed as one CUDA graph (eager where capture fails)."""
-    import triton.testing
-
-    run()
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        fn, how = graph.replay, "graph"
-    except RuntimeError:
-        torch.cuda.synchronize()
-        fn, how = run, "eager"
-    return triton.testing.do_bench(fn, warmup=5, rep=300, return_mode="median"), how
-
-
 def measure(model, nano: NanoBatches, caches: list[torch.Tensor], shape: IterationShape,
             carveouts: list[int]) -> list[tuple[str, float, str, float]]:
     """(variant, ms, how timed, relative difference from the one batch) per variant: the one
@@ -139,7 +122,7 @@ def measure(model, nano: NanoBatches, caches: list[torch.Tensor], shape: Iterati
     def whole() -> None:
         result["hidden"] = model(ids, positions, caches, meta)
 
-    ms, how = device_ms(whole)
+    ms, how = graph_or_eager_ms(whole)
     want = result["hidden"].float()
     out = [("one batch (as the worker without nano-batches)", ms, how, 0.0)]
     for name, rows_a, rows_b in shape.splits():
@@ -150,7 +133,7 @@ def measure(model, nano: NanoBatches, caches: list[torch.Tensor], shape: Iterati
 
             def split() -> None:
                 result["hidden"] = nano.run(planned, ids, caches)
-            ms, how = device_ms(split)
+            ms, how = graph_or_eager_ms(split)
             got = result["hidden"].float()
             out.append((f"{name}: {label}", ms, how, ((got - want).norm() / want.norm()).item()))
 

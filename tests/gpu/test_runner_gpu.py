@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.step.harness import BLOCK, PlanMaker, drive
+from benchmarks.step.harness import BLOCK, PlanMaker, drive, launch_ahead
 from protos.batch_plan import BatchPlan
 from sarathi_common.model_spec import resolve
 from worker_service.attention import make_backend
@@ -170,11 +170,4 @@ def test_launching_ahead_matches_one_step_at_a_time(backend, graphs):
     serial = make_runner(backend, torch.float32 if backend == "triton" else torch.bfloat16, graphs)
     want = [serial.execute(p).token_ids for p in plans()]
     ahead = make_runner(backend, torch.float32 if backend == "triton" else torch.bfloat16, graphs)
-    got, previous = [], None
-    for plan in plans():
-        step = ahead.launch(plan)
-        if previous is not None:
-            got.append(ahead.finish(previous).token_ids)
-        previous = step
-    got.append(ahead.finish(previous).token_ids)
-    assert got == want
+    assert launch_ahead(ahead, plans()) == want
