@@ -45,16 +45,6 @@ def test_worker_flags_pass_through():
     assert "--no-cuda-graphs" in cmd and flag_values(cmd, "--port") == ["50061"]
 
 
-def test_pod_attention_reaches_the_worker_and_every_rank_it_starts():
-    assert flag_values(command_for("--hybrid-attention", "pod"), "--hybrid-attention") == ["pod"]
-    (peer,) = peer_commands(with_local_layout(WorkerConfig(tensor_parallel_size=2, hybrid_attention="pod")))
-    assert flag_values(peer, "--hybrid-attention") == ["pod"]
-
-
-def test_nano_batches_reach_the_worker_serve_starts():
-    assert flag_values(command_for("--nano-batch-tokens", "1024"), "--nano-batch-tokens") == ["1024"]
-
-
 def test_serve_starts_one_worker_even_for_a_replica():
     cmd = command_for("--tensor-parallel-size", "2", "--pipeline-parallel-size", "2")
     assert flag_values(cmd, "--tensor-parallel-size") == ["2"]

@@ -163,30 +163,3 @@ def test_a_failed_allocation_puts_the_previous_cache_back():
         assert executor.calls == [50, 1000, 50]
     finally:
         server.stop(0)
-
-
-def test_pod_attention_without_flashinfer_exits_with_one_line_before_loading():
-    """POD-Attention is a FlashInfer kernel: a worker asked for it on the CPU's torch backend
-    says so and what to do, before it loads any weights."""
-    proc = subprocess.run([sys.executable, "-m", "sarathi.cli", "worker", "--port", str(free_port()),
-                           "--model", "dummy:tiny", "--device", "cpu", "--hybrid-attention", "pod"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "worker: --hybrid-attention pod needs the flashinfer attention backend, not torch: drop it, "
-        "or pass --attention flashinfer on a GPU"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "loaded in" not in proc.stdout
-
-
-@pytest.mark.parametrize("args", [["--nano-batch-tokens", "-1"],
-                                  ["--nano-batch-tokens", "64", "--tensor-parallel-size", "2"]])
-def test_nano_batches_a_worker_cannot_run_are_refused_with_one_line(args):
-    """A negative token count, or nano-batches on a parallel replica (each rank runs its own
-    part of the model: the split is for a whole model), before anything loads."""
-    proc = subprocess.run([sys.executable, "-m", "sarathi.cli", "worker", "--port", str(free_port()),
-                           "--model", "dummy:tiny", "--device", "cpu", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"worker: --nano-batch-tokens {args[1]}: "
-                                                           f"give a token count"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "loaded in" not in proc.stdout

@@ -31,15 +31,6 @@ class WorkerConfig(InternalTLSOptions):
                                choices=["float32", "bfloat16", "float16"], group="worker")
     attention: str = option("auto", "attention backend; auto: torch on cpu, flashinfer (else triton) on cuda",
                             choices=["auto", "torch", "flashinfer", "triton"], group="worker")
-    hybrid_attention: str = option(
-        "separate", "how the flashinfer backend runs an iteration's decodes beside prefill chunks: "
-                    "separate (a decode launch and a prefill launch per layer) or pod (one "
-                    "POD-Attention launch sharing the SMs between them)",
-        choices=["separate", "pod"], group="worker")
-    nano_batch_tokens: int = option(
-        0, "iterations of at least this many tokens (with two decodes or more) run as two "
-           "nano-batches on two CUDA streams, eagerly, so that one half's attention can overlap the "
-           "other half's GEMMs (0: off)", group="worker")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", group="worker")
     cpu_cache_gib: float = option(2.0, "on the CPU, the most memory the KV cache may take (GiB)",
                                   group="worker")
@@ -84,9 +75,8 @@ class WorkerConfig(InternalTLSOptions):
         group=_SECURITY)
 
     # What a rank that this worker starts inherits: the model and how to run it, not where to listen.
-    SHARED = ("model", "device", "dtype", "attention", "hybrid_attention", "nano_batch_tokens",
-              "threads", "cpu_cache_gib", "weights_seed", "cuda_graphs", "hybrid_graph_tokens",
-              "tensor_parallel_size", "pipeline_parallel_size")
+    SHARED = ("model", "device", "dtype", "attention", "threads", "cpu_cache_gib", "weights_seed",
+              "cuda_graphs", "hybrid_graph_tokens", "tensor_parallel_size", "pipeline_parallel_size")
 
     # What `serve` passes to the worker it starts besides SHARED (file paths only: no key material
     # on a command line).

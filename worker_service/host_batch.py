@@ -1,5 +1,5 @@
 """One iteration's inputs as the runner prepares them from a plan: host lists, before they
-become device tensors (read by the runner, its nano-batches and a pipeline stage)."""
+become device tensors (read by the runner and a pipeline stage)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import torch
 
 from sarathi_common.model_spec import ModelSource, resolve
 from worker_service import memory
-from worker_service.attention import check_backend, make_backend
+from worker_service.attention import make_backend
 from worker_service.config import WorkerConfig
 from worker_service.models.config import ModelConfig
 from worker_service.models.loader import hf_config_for, load_model
@@ -24,13 +24,6 @@ def run_worker(config: WorkerConfig) -> None:
         raise SystemExit(f"worker: --device {config.device}, but torch {torch.__version__} finds no CUDA "
                          "device here; pass --device cpu")
     dtype = getattr(torch, config.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
-    try:   # before any weights load or rank starts: one line, not a traceback per rank
-        check_backend(config.attention, device, config.hybrid_attention)
-    except ValueError as e:
-        raise SystemExit(f"worker: {e}") from None
-    if config.nano_batch_tokens < 0 or (config.nano_batch_tokens and config.world_size > 1):
-        raise SystemExit(f"worker: --nano-batch-tokens {config.nano_batch_tokens}: give a token count "
-                         f"(0: off), for a whole model on one device (not a parallel replica)")
     source = resolve(config.model)
     if config.world_size > 1:
         from worker_service.parallel.local import start_local_ranks
@@ -41,20 +34,17 @@ def run_worker(config: WorkerConfig) -> None:
             config = start_local_ranks(config)  # the whole replica on this host
 
         def load(rank_device, part):  # each rank reads only its part, on its own GPU
-            return load_model(source, make_backend(config.attention, rank_device, config.hybrid_attention),
-                              rank_device, dtype, seed=config.weights_seed, part=part)
+            return load_model(source, make_backend(config.attention, rank_device), rank_device, dtype,
+                              seed=config.weights_seed, part=part)
 
         return run_replica_worker(config, load, device, dtype)
     start = time.monotonic()
-    backend = make_backend(config.attention, device, config.hybrid_attention)
+    backend = make_backend(config.attention, device)
     model = load_model(source, backend, device, dtype, seed=config.weights_seed)
     weight_bytes = memory.weight_bytes(model)
     graphs = device.type == "cuda" and config.cuda_graphs
     runner = ModelRunner(model, device, dtype, cuda_graphs=graphs,
                          hybrid_graph_tokens=config.graph_tokens(graphs))
-    if config.nano_batch_tokens:
-        runner.enable_nano_batches(config.nano_batch_tokens, tuple(
-            make_backend(config.attention, device, config.hybrid_attention) for _ in range(2)))
     print(f"worker: {source.name} on {device} ({dtype}), {weight_bytes / 1e6:.0f} MB of weights, "
           f"loaded in {time.monotonic() - start:.1f} s", flush=True)
     serve_worker(runner, config, weight_bytes)

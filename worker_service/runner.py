@@ -16,13 +16,12 @@ import torch
 from protos import worker_pb2
 from protos.batch_plan import BatchPlan, SamplingOptions, StepOutput, StepTimings
 from worker_service import memory
-from worker_service.attention import AttentionBackend, AttentionMetadata
+from worker_service.attention import AttentionMetadata
 from worker_service.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, HybridGraphs
 from worker_service.executor import PlanError
 from worker_service.host_batch import HostBatch
 from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
-from worker_service.nano_batches import NanoBatches
 from worker_service.sampler import sample
 from worker_service.upload import upload
 
@@ -86,9 +85,6 @@ class ModelRunner:
         # A pipeline stage or a sharded model runs its own forward: whole models only.
         self.hybrid_graph_tokens = hybrid_graph_tokens if type(model) is LlamaModel else 0
         self.hybrid_graphs: HybridGraphs | None = None
-        # Iterations of at least min_tokens as two nano-batches on two streams (None: never).
-        self.nano_batches: NanoBatches | None = None
-        self._nano_settings: tuple[int, tuple[AttentionBackend, AttentionBackend]] | None = None
         self.block_size = 0
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
@@ -98,14 +94,6 @@ class ModelRunner:
         self._last_begin: torch.cuda.Event | None = None       # of the last launched step
         self._last_end_event: torch.cuda.Event | None = None   # of the last finished step
         self._last_end_ns = 0
-
-    def enable_nano_batches(self, min_tokens: int,
-                            backends: tuple[AttentionBackend, AttentionBackend]) -> None:
-        """Iterations of at least `min_tokens` tokens (and two decodes) run as two nano-batches
-        on two streams, eagerly, each with one of `backends` (of the model's own kind). Whole
-        models only; takes effect at init_cache."""
-        if type(self.model) is LlamaModel:
-            self._nano_settings = (min_tokens, backends)
 
     def reset(self) -> None:
         """A new scheduler: forget every sequence and any step still in flight."""
@@ -132,10 +120,6 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
         self.block_size, self.num_blocks = block_size, num_blocks
-        if self._nano_settings is not None:
-            min_tokens, backends = self._nano_settings
-            self.nano_batches = NanoBatches(self.model, backends, self.device, self.dtype, min_tokens,
-                                            block_size)
         self.host_cache = HostKVCache(num_host_blocks, self.kv_caches) if num_host_blocks else None
         self.reset()
         if self.use_cuda_graphs:
@@ -326,14 +310,6 @@ class ModelRunner:
     def _forward(self, batch: HostBatch, step: LaunchedStep) -> torch.Tensor | None:
         """Logits [len(sample_seqs), vocab] float32, through a CUDA graph where one fits.
         Marks step.begin once the inputs are in place, just before the model runs."""
-        nano = self.nano_batches
-        parts = nano.split(batch) if nano is not None else None
-        if parts is not None:
-            ids = upload(batch.input_ids, torch.int64, self.device)
-            self._fill_device_inputs(ids, batch)
-            planned = nano.plan(batch, parts)
-            step.begin = self._event()
-            return self._logits(nano.run(planned, ids, self.kv_caches), batch)
         graphs = self.graphs
         if graphs is not None and batch.decode_only and len(batch.input_ids) <= graphs.max_batch:
             padded = graphs.load(batch.input_ids, batch.positions, batch.slots, batch.context_lens,

@@ -9,8 +9,6 @@
 #   chunk             python -m benchmarks.kernels.chunk_attention (with vLLM's FlashAttention 3
 #                     where $VLLM_SITE, default /tmp/vllm, holds an unpacked vLLM)
 #   overlap           python -m benchmarks.kernels.overlap (decode attention beside the GEMMs)
-#   nano              python -m benchmarks.step.nano_batch (an iteration as two nano-batches on
-#                     two streams, the model's own layers)
 #   gemv              the GEMV kernel tests, then python -m benchmarks.kernels.gemv_sweep
 #   overhead          python -m benchmarks.host.step_overhead on the Llama-3-8B shape
 #   replica           python -m benchmarks.replica.replica_bench (several GPUs; REPLICA_ARGS)
@@ -30,7 +28,7 @@
 # to .fi_cache/ for the next run: it saves minutes of kernel compilation). Each part runs under
 # its own time limit; output files go to $OUT (default /tmp/out).
 # Environment: PART_LIMIT_S (seconds per part, default 300), TEST_K, BENCH_ARGS, PROFILE_ARGS,
-# ATTENTION_ARGS, CHUNK_ARGS, OVERLAP_ARGS, NANO_ARGS, OVERHEAD_ARGS (e.g. "--server-arg=--no-overlap"), REPLICA_ARGS, SMOLLM2_GGUF
+# ATTENTION_ARGS, CHUNK_ARGS, OVERLAP_ARGS, OVERHEAD_ARGS (e.g. "--server-arg=--no-overlap"), REPLICA_ARGS, SMOLLM2_GGUF
 # (the real weights, for the transformers agreement test), CAPACITY_MODEL (default
 # dummy:llama3-8b), CAPACITY_SCALE (trace length scale, default 1), CAPACITY_POLICIES,
 # CAPACITY_REQUESTS, CAPACITY_PROBES, CAPACITY_RATE, CAPACITY_PROBE_SECONDS (seconds of arrivals
@@ -123,7 +121,6 @@ for part in "$@"; do
         chunk) PYTHONPATH=${VLLM_SITE:-/tmp/vllm}:$PYTHONPATH timeout "$limit" \
             python3 -m benchmarks.kernels.chunk_attention ${CHUNK_ARGS:-} ;;
         overlap) timeout "$limit" python3 -m benchmarks.kernels.overlap ${OVERLAP_ARGS:-} ;;
-        nano) timeout "$limit" python3 -m benchmarks.step.nano_batch ${NANO_ARGS:-} ;;
         gemv) timeout "$limit" bash tests/gpu/run_on_device.sh -k gemv | tail -2
               timeout "$limit" python3 -m benchmarks.kernels.gemv_sweep ;;
         overhead) timeout "$limit" python3 -m benchmarks.host.step_overhead --model dummy:llama3-8b \

@@ -8,8 +8,6 @@ layout), each variant's calls for all 32 layers captured in one CUDA graph:
 - FlashInfer's BatchPrefillWithPagedKVCacheWrapper as the worker makes it (backend "auto": FA3 on
   Hopper), and with backend "fa2";
 - our Triton kernel (sarathi_kernels/paged_attention.py);
-- FlashInfer's POD-Attention (BatchPODWithPagedKVCacheWrapper: chunks and decodes in one launch),
-  for shapes with decodes beside the chunk;
 - vLLM's FlashAttention 3 (`vllm.vllm_flash_attn.flash_attn_varlen_func`, paged through a block
   table), where vLLM is importable (the peer sitting unpacks it into /tmp/vllm: add it to
   PYTHONPATH). flash-attn itself has no wheel for the GPU machine's torch, and it has no network
@@ -134,21 +132,18 @@ def vllm_fa3_calls(q: torch.Tensor, caches: list[torch.Tensor], meta: AttentionM
 
 def variants() -> Iterator[tuple[str, str, Callable]]:
     """(key, name, make calls for (q, caches, meta, shape, heads, kv_heads))."""
-    def flashinfer(prefill_backend: str, pod: bool = False) -> Callable:
+    def flashinfer(prefill_backend: str) -> Callable:
         def make(q, caches, meta, shape, heads, kv_heads):
             from worker_service.attention.flashinfer_backend import FlashInferAttention
 
             attention = FlashInferAttention(DEV, split_decode_max_batch=0)
             attention.set_prefill_backend(prefill_backend)
-            attention.hybrid_pod = pod
             return backend_calls(attention, q, caches, meta, heads, kv_heads)
         return make
 
     yield ("flashinfer", "flashinfer as the worker (chunks: auto, FA3 on Hopper; decodes: its decode "
            "kernel)", flashinfer("auto"))
     yield "flashinfer-fa2", "flashinfer, chunks through fa2", flashinfer("fa2")
-    yield ("pod", "flashinfer POD-Attention (one launch where decodes are beside the chunks)",
-           flashinfer("auto", True))
     yield "triton", "triton (ours)", lambda q, caches, meta, shape, heads, kv_heads: backend_calls(
         TritonAttention(), q, caches, meta, heads, kv_heads)
     yield "vllm-fa3", "vLLM FlashAttention 3", lambda q, caches, meta, shape, heads, kv_heads: \
@@ -164,7 +159,7 @@ def main() -> None:
                     default=[chunk_shape(s) for s in ("512,0", "512,1536", "2048,0", "2048,2048", "512x4,0",
                                                       "512,0+64@1024", "2048,0+128@4096")])
     ap.add_argument("--variants", nargs="+", choices=VARIANT_KEYS, default=list(VARIANT_KEYS),
-                    help="which kernels (flashinfer-fa2 and pod JIT-compile for ~1.5 min on first use)")
+                    help="which kernels (flashinfer-fa2 JIT-compiles for ~1.5 min on first use)")
     ap.add_argument("--copy-tbs", type=float, default=4.24,
                     help="the copy bandwidth (TB/s) the decodes' KV time is set against (4.24: H200)")
     ap.add_argument("--heads", type=int, default=32, help="query heads (32: Llama-3-8B)")

@@ -81,9 +81,6 @@ def bench_prefill(driver: Driver, tokens: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-NANO_OFF = 1 << 62   # nano-batches from this many tokens: never
-NANO_DECODE_BATCHES = (128, 256)
-
 # The hybrid iterations of the issue's acceptance: (chunk tokens, decodes, the decodes' context).
 HYBRID_SHAPES = ((512, 64, 1024), (2048, 64, 1024), (2048, 128, 4096))
 # Small chunks, where launches rather than kernels may bound an iteration: graphs or not.
@@ -119,13 +116,11 @@ def hybrid_variants(graphs, flashinfer: bool) -> list[HybridVariant]:
     variants = [HybridVariant("served", "", graphs)]
     if graphs is not None:
         variants.append(HybridVariant("eager", ", eager", None))
-    variants.append(HybridVariant("nano", ", two nano-batches on two streams (eager)", graphs, nano=True))
     if flashinfer:
         variants += [
             HybridVariant("split-kv", ", decodes through our split-KV kernel", graphs, split_max=1 << 20),
             HybridVariant("fa2", ", chunks through FlashInfer's FA2 kernel", graphs, prefill="fa2"),
             HybridVariant("triton", ", chunks through our Triton kernel", graphs, triton_chunks=1 << 20),
-            HybridVariant("pod", ", chunks and decodes in one POD-Attention launch", graphs, pod=True),
             HybridVariant("one-launch", ", one prefill launch for all", graphs, decode_kernels=False)]
     return variants
 
@@ -144,13 +139,11 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
         floor = hybrid_floor(config, chunk, decodes, context, mm, bw)
         for v in shape_variants:
             runner.hybrid_graphs = v.graphs
-            runner.nano_batches.min_tokens = 1 if v.nano else NANO_OFF
             if flashinfer:
                 backend.hybrid_decode_kernels = v.decode_kernels
                 backend.hybrid_split_max = v.split_max
                 backend.set_prefill_backend(v.prefill)
                 backend.triton_chunk_max_tokens = v.triton_chunks
-                backend.hybrid_pod = v.pod
             times = bench_hybrid(driver, decodes, chunk, 5, context)
             rows.append((f"hybrid: {chunk}-token chunk + {decodes} decodes (ctx {context}){v.label}",
                          f"{times.served * 1e3:.2f} ms (alone {times.alone * 1e3:.2f})",
@@ -158,12 +151,10 @@ def hybrid_rows(driver: Driver, runner: ModelRunner, config, mm: float, bw: floa
             key = f"hybrid_{chunk}_{decodes}_{context}{v.label.replace(', ', '_').replace(' ', '_')}"
             results[key] = vars(times)
     runner.hybrid_graphs = graphs
-    runner.nano_batches.min_tokens = NANO_OFF
     if flashinfer:
         backend.hybrid_decode_kernels, backend.hybrid_split_max = True, None
         backend.set_prefill_backend("auto")
         backend.triton_chunk_max_tokens = 0
-        backend.hybrid_pod = False
 
 
 @dataclass(frozen=True)
@@ -177,8 +168,6 @@ class HybridVariant:
     split_max: int | None = None    # decodes through our split-KV kernel up to this many
     prefill: str = "auto"           # FlashInfer's prefill backend for the chunks ("auto": as served)
     triton_chunks: int = 0          # chunks of up to this many tokens through our Triton kernel
-    pod: bool = False               # chunks and decodes in one FlashInfer POD-Attention launch
-    nano: bool = False              # two nano-batches on two streams (worker_service/nano_batches.py)
 
 
 def bench_hf(model_name: str, batch: int, prompt: int, new_tokens: int) -> float:
@@ -237,7 +226,7 @@ def main() -> None:
     ap.add_argument("--hybrid-variants", nargs="+", metavar="KEY",
                     choices=[v.key for v in hybrid_variants(True, True)],
                     help="time only these ways of running the hybrid rows (default: all); "
-                         "fa2 and pod JIT-compile FlashInfer kernels on first use (~1.5 min each)")
+                         "fa2 JIT-compiles a FlashInfer kernel on first use (~1.5 min)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     shapes = tuple(args.hybrid_shape) or HYBRID_SHAPES
@@ -259,8 +248,6 @@ def main() -> None:
     sizes = tuple(sorted(set(DECODE_BATCHES) | {1, 2, 4}))
     runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=not args.no_graphs,
                          graph_batch_sizes=sizes, hybrid_graph_tokens=args.hybrid_graph_tokens)
-    # Built for the nano variant, off (NANO_OFF tokens) everywhere else.
-    runner.enable_nano_batches(NANO_OFF, (make_backend(args.backend, DEV), make_backend(args.backend, DEV)))
     budget = runner.profile_free_memory(8192)
     num_blocks = min(budget, int(args.kv_gb * 2 ** 30)) // runner.bytes_per_block(BLOCK)
     runner.init_cache(num_blocks, BLOCK)
@@ -314,14 +301,6 @@ def main() -> None:
 
     hybrid_rows(driver, runner, config, mm, bw, rows, results, shapes, small_shapes,
                 tuple(args.hybrid_variants) if args.hybrid_variants else None)
-    if not args.hybrid_variants or "nano" in args.hybrid_variants:
-        # Decode-only steps in two nano-batches (eager) against their graphs, as served.
-        for b in NANO_DECODE_BATCHES:
-            results[f"decode_{b}"] = vars(decode_row(f"decode step, batch {b}, context {CONTEXT}", b))
-            runner.nano_batches.min_tokens = 1
-            results[f"decode_nano_{b}"] = vars(decode_row(
-                f"decode step, batch {b}, two nano-batches on two streams (eager)", b))
-            runner.nano_batches.min_tokens = NANO_OFF
     profiles = []
     if args.profile_hybrid:
         from benchmarks.step.hybrid_profile import profile_hybrid

@@ -108,32 +108,6 @@ def test_hybrid_chunks_through_the_triton_kernel_match_torch_reference(torch_bf1
     compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
 
 
-@pytest.mark.parametrize("hybrid_tokens", [0, 128])
-def test_hybrid_iterations_through_pod_attention_match_torch_reference(torch_bf16, hybrid_tokens):
-    """With hybrid_pod set, a hybrid iteration's chunks and decodes run in one launch of
-    FlashInfer's POD-Attention kernel, eagerly and between hybrid graph pieces."""
-    pytest.importorskip("flashinfer")
-    runner = make_runner("flashinfer", torch.bfloat16, True, hybrid_tokens=hybrid_tokens)
-    runner.backend.hybrid_pod = True
-    compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
-    assert runner.backend._pod is not None   # some iteration had decodes beside a chunk
-
-
-@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
-def test_two_nano_batches_on_two_streams_match_torch_reference(torch_bf16, backend):
-    """With nano-batches from one token on, every iteration with two decodes runs as two halves
-    on two CUDA streams, each planned by its own backend (decode-only steps too: the split
-    comes before the decode graphs)."""
-    if backend == "flashinfer":
-        pytest.importorskip("flashinfer")
-    torch.manual_seed(0)
-    model = load_model(resolve("dummy:smollm2-135m"), make_backend(backend, DEV), DEV, torch.bfloat16, seed=1)
-    runner = ModelRunner(model, DEV, torch.bfloat16, cuda_graphs=True, graph_batch_sizes=(1, 2, 4, 8))
-    runner.enable_nano_batches(1, (make_backend(backend, DEV), make_backend(backend, DEV)))
-    runner.init_cache(len(PROMPT_LENS) * 32, BLOCK)
-    compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
-
-
 def test_graphs_match_eager_flashinfer():
     pytest.importorskip("flashinfer")
     eager = drive(make_runner("flashinfer", torch.bfloat16, False), prompts(), NEW_TOKENS)

@@ -8,10 +8,9 @@ import torch
 from worker_service.attention.backend import AttentionBackend
 
 
-def make_backend(name: str, device: torch.device, hybrid_attention: str = "separate") -> AttentionBackend:
-    """hybrid_attention "pod": hybrid iterations' attention in one POD-Attention launch
-    (FlashInfer only)."""
-    name = check_backend(name, device, hybrid_attention)
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = "torch" if device.type == "cpu" else _best_gpu_backend()
     if name == "torch":
         from worker_service.attention.torch_ref import TorchAttention
 
@@ -19,25 +18,12 @@ def make_backend(name: str, device: torch.device, hybrid_attention: str = "separ
     if name == "flashinfer":
         from worker_service.attention.flashinfer_backend import FlashInferAttention
 
-        backend = FlashInferAttention(device)
-        backend.hybrid_pod = hybrid_attention == "pod"
-        return backend
+        return FlashInferAttention(device)
     if name == "triton":
         from worker_service.attention.triton_backend import TritonAttention
 
         return TritonAttention()
     raise ValueError(f"unknown attention backend {name!r}: use auto, torch, flashinfer or triton")
-
-
-def check_backend(name: str, device: torch.device, hybrid_attention: str = "separate") -> str:
-    """The backend `name` resolves to on `device`; ValueError (one line to show) where
-    `hybrid_attention` cannot run on it."""
-    if name == "auto":
-        name = "torch" if device.type == "cpu" else _best_gpu_backend()
-    if hybrid_attention != "separate" and name != "flashinfer":
-        raise ValueError(f"--hybrid-attention {hybrid_attention} needs the flashinfer attention "
-                         f"backend, not {name}: drop it, or pass --attention flashinfer on a GPU")
-    return name
 
 
 def _best_gpu_backend() -> str:

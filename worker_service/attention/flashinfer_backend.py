@@ -14,10 +14,10 @@ decode batches get a decode wrapper of their own per padded batch size, whose in
 at fixed addresses so that planning before a replay updates what the captured kernels read.
 K/V are written by our Triton kernel (slot mapping; negative slots are graph padding).
 `triton_chunk_max_tokens` (off by default) sends short chunks to our Triton prefill kernel
-instead, and `hybrid_pod` (off by default) runs a hybrid iteration's chunks and decodes in one
-launch of FlashInfer's POD-Attention kernel, which shares the GPU's SMs between the chunk's
-compute-bound tiles and the decodes' memory-bound ones (arXiv 2410.18038): both for measuring
-them served (benchmarks/step/gpu_bench.py, benchmarks/kernels/chunk_attention.py).
+instead, for measuring it served (benchmarks/step/gpu_bench.py,
+benchmarks/kernels/chunk_attention.py). FlashInfer's POD-Attention (chunks and decodes in one
+launch sharing the SMs) was measured served on an H200 and gained nothing (benchmarks/README.md),
+so hybrid iterations keep two launches per layer.
 """
 
 from __future__ import annotations
@@ -63,11 +63,6 @@ class FlashInferAttention(AttentionBackend):
         # (query_start, block_tables, context_lens, longest chunk) of this iteration's chunks
         # when they take the Triton kernel, else None.
         self._triton_chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
-        # Chunks and decodes of a hybrid iteration in one POD-Attention launch (FlashInfer's FA2
-        # kernels for both; JIT-compiled on first use). Off until measured.
-        self.hybrid_pod = False
-        self._pod: flashinfer.BatchPODWithPagedKVCacheWrapper | None = None
-        self._pod_planned = False    # this iteration runs through self._pod
         self.decode_tensor_cores = decode_tensor_cores
         self.split_decode_max_batch = split_decode_max_batch
         self._split_decode = False
@@ -110,7 +105,6 @@ class FlashInferAttention(AttentionBackend):
         self._split_decode = meta.num_decode_only and len(ctx) <= self.split_decode_max_batch
         self._hybrid_decodes = 0
         self._triton_chunks = None
-        self._pod_planned = False
         if self._split_decode:
             return
         pages = [(n + bs - 1) // bs for n in ctx]
@@ -152,9 +146,6 @@ class FlashInferAttention(AttentionBackend):
         while self.hybrid_decode_kernels and d < len(ctx) and starts[d + 1] - starts[d] == 1:
             d += 1
         self._hybrid_decodes = d
-        if d and self.hybrid_pod:
-            self._plan_pod(d, starts, indptr, indices, last, shape)
-            return
         split_max = self.split_decode_max_batch if self.hybrid_split_max is None else self.hybrid_split_max
         if 0 < d <= split_max:
             self._hybrid_split = True
@@ -173,22 +164,6 @@ class FlashInferAttention(AttentionBackend):
         self.prefill.plan(qo_indptr, kv_indptr, indices[indptr[d]:], pinned_tensor(last[d:], torch.int32)
                           if d else last_t, *shape, causal=True, **common)
         self.active = self.prefill
-
-    def _plan_pod(self, d: int, starts: list[int], indptr: list[int], indices: torch.Tensor,
-                  last: list[int], shape: tuple[int, int, int, int]) -> None:
-        """One POD-Attention plan: the chunks (rows d on) as its prefill side, the d leading
-        decodes as its decode side."""
-        if self._pod is None:
-            self._pod = flashinfer.BatchPODWithPagedKVCacheWrapper(self.workspace, "NHD")
-        ints = torch.int32
-        self._pod.plan(
-            pinned_tensor([x - d for x in starts[d:]], ints),
-            pinned_tensor([x - indptr[d] for x in indptr[d:]], ints), indices[indptr[d]:],
-            pinned_tensor(last[d:], ints),
-            pinned_tensor(list(range(d + 1)), ints), pinned_tensor(indptr[:d + 1], ints),
-            indices[:indptr[d]], pinned_tensor(last[:d], ints),
-            *shape, q_data_type=self.dtype, kv_data_type=self.dtype)
-        self._pod_planned = True
 
     def _zeros(self, n: int) -> torch.Tensor:
         if self._zero_pages.numel() < n:
@@ -252,13 +227,6 @@ class FlashInferAttention(AttentionBackend):
         d = self._hybrid_decodes
         if not d and self._triton_chunks is None:
             return self.active.run(q, kv_cache, out=out)
-        if self._pod_planned:
-            out_chunks, out_decodes = self._pod.run(q[d:], kv_cache, q[:d], kv_cache, causal_p=True)
-            if out is None:
-                return torch.cat([out_decodes, out_chunks])
-            out[:d].copy_(out_decodes)
-            out[d:].copy_(out_chunks)
-            return out
         if out is None:
             out = torch.empty_like(q)
         if d and self._hybrid_split:
