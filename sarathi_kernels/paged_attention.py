@@ -41,7 +41,8 @@ def attend_tile(q, acc, m_i, l_i, cache_ptr, table, n, n_ok, visible, kvh, block
     return acc, m_new, l_i
 
 
-@triton.jit
+# Not specialized on the block table's width (the iteration's longest table): see paged_decode.
+@triton.jit(do_not_specialize=["table_stride"])
 def _paged_attention_kernel(
         q_ptr, out_ptr, cache_ptr, tables_ptr, qstart_ptr, ctx_ptr,
         q_tok_stride, q_head_stride, o_tok_stride, o_head_stride,

@@ -25,7 +25,11 @@ _LOG2E = 1.4426950408889634
 MAX_SPLITS = 16
 
 
-@triton.jit
+# The block table's width is that of the iteration's longest table, which changes from one
+# iteration to the next; specialized (Triton's 1 / multiple of 16 / other), it would compile a
+# variant mid-stream the first time a hybrid iteration's eager decodes met a new class, rather
+# than reuse what the decode graphs compiled at start-up (tests/gpu/test_runner_gpu.py).
+@triton.jit(do_not_specialize=["table_stride"])
 def _decode_split_kernel(
         q_ptr, out_ptr, part_ptr, lse_ptr, cache_ptr, tables_ptr, ctx_ptr,
         q_tok_stride, q_head_stride, o_tok_stride, o_head_stride,

@@ -17,6 +17,8 @@ def _plans():
     for _ in range(6):
         plans += [maker.decode([0, 1, 2, 3, 4])]
     plans += [maker.decode([0, 2]), maker.decode([1, 3, 4]), maker.decode([0, 1, 2, 3, 4])]
+    # Hybrid iterations: decodes reading tokens still on the device beside a new prompt.
+    plans += [maker.hybrid([0, 2], 9), maker.hybrid([1, 3, 4, 5], 17), maker.decode([0, 1, 2, 3, 4, 5, 6])]
     return plans
 
 

@@ -68,6 +68,15 @@ class PlanMaker:
         self.step += 1
         return plan
 
+    def hybrid(self, seqs: list[int], prompt_len: int) -> BatchPlan:
+        """Decodes of `seqs` beside one new prompt of prompt_len tokens prefilled whole."""
+        plan = self.decode(seqs)
+        self.step -= 1   # one plan: new_sequences counts the step
+        prompt = self.new_sequences(1, prompt_len)
+        plan.new_sequences += prompt.new_sequences
+        plan.schedule(prompt.seq_ids[0], 0, prompt_len, [])
+        return plan
+
     def decode(self, seqs: list[int]) -> BatchPlan:
         plan = BatchPlan(self.step)
         for seq in seqs:

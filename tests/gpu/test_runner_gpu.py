@@ -108,6 +108,31 @@ def test_hybrid_chunks_through_the_triton_kernel_match_torch_reference(torch_bf1
     compare(torch_bf16, drive(runner, prompts(), NEW_TOKENS), exact=False, tie_gap=0.1)
 
 
+def test_hybrid_iterations_compile_no_triton_kernel_once_started():
+    """Serving never waits for a Triton compile (seconds each on a fresh machine): a hybrid
+    iteration's few decodes run the split-KV kernel eagerly, with a block table as wide as that
+    iteration's longest (1, 3 and 7 blocks here), on the variants the decode graphs compiled at
+    start-up. (On a cold H200 the first probe at 14 req/s broke the TBT bound that a warmed
+    machine held; this was one such compile per split count and table-width class.)"""
+    pytest.importorskip("flashinfer")
+    knobs = pytest.importorskip("triton.knobs")
+    runner = make_runner("flashinfer", torch.bfloat16, True, hybrid_tokens=128)
+    assert runner.backend.split_decode_max_batch >= 5   # the decodes below take the split-KV kernel
+    maker = PlanMaker()
+    # Prefills of at most 128 tokens each (hybrid graphs), then decodes beside a new prompt.
+    plans = [maker.new_sequences(1, 5), maker.new_sequences(2, 40), maker.new_sequences(1, 100),
+             maker.new_sequences(1, 100)]
+    plans += [maker.hybrid([0], 8), maker.hybrid([0, 1, 2], 30), maker.hybrid([0, 1, 2, 3, 4], 64)]
+    compiled: list[str] = []
+    knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["repr"])
+    try:
+        for plan in plans:
+            runner.execute(plan)
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
+    assert not compiled, "compiled while serving:\n" + "\n".join(compiled)
+
+
 def test_graphs_match_eager_flashinfer():
     pytest.importorskip("flashinfer")
     eager = drive(make_runner("flashinfer", torch.bfloat16, False), prompts(), NEW_TOKENS)
