@@ -229,6 +229,26 @@ def test_the_json_holds_every_system_and_probe(tmp_path):
     assert comparison(results)["offline"]["ratio"] == pytest.approx(7962 / 9773)
 
 
+def png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")   # IHDR's width
+
+
+def test_the_plot_has_a_panel_only_for_what_was_measured(tmp_path):
+    """Capacity and probes (two panels), offline throughput (one): a run that skipped offline
+    draws no empty offline panel, one that skipped capacity no empty capacity panels."""
+    anchor, slo = SloAnchor(5.0, given_p99_tbt_s=0.0458), Slo(p99_tbt_s=0.0458)
+    widths = {}
+    for name, drop in (("both", ()), ("capacity", ("offline",)), ("offline", ("probes",))):
+        results = results_for_table()
+        for r in results:
+            for field in drop:
+                setattr(r, field, None if field == "offline" else [])
+        (tmp_path / name).mkdir()
+        _, png = write_peer_report(tmp_path / name, results, anchor, slo, {})
+        widths[name] = png_width(png)
+    assert widths["both"] == 3 * widths["offline"] and widths["capacity"] == 2 * widths["offline"]
+
+
 def test_a_time_limit_keeps_the_probes_measured_so_far():
     result = SystemResult("slow", "ours", 512)
 

@@ -181,19 +181,28 @@ def write_peer_report(
 
 def plot_peer(results: Sequence[SystemResult], slo: Slo | None, path: Path) -> None:
     """Capacity per system, every probe's P99 TBT against its rate (hollow: missed the SLO),
-    and offline output tok/s per system."""
-    fig, (bars, probes, offline) = plt.subplots(1, 3, figsize=(15, 4), dpi=120)
+    and offline output tok/s per system: the panels of what the run measured."""
     names = [r.label for r in results]
     colors = [f"C{i}" for i in range(len(results))]
-    bars.bar(names, [r.capacity_rate or 0.0 for r in results], color=colors)
-    bars.set_ylabel("capacity (requests/s)")
-    bars.set_title("Capacity under the SLO")
-    plot_probes(probes, [(r.label, r.probes) for r in results], slo.p99_tbt_s if slo else None)
-    offline.bar(names, [r.offline.output_tokens_per_s if r.offline else 0.0 for r in results], color=colors)
-    offline.set_ylabel("output tokens/s")
-    offline.set_title("Offline throughput")
-    for axis in (bars, offline):
-        axis.tick_params(axis="x", labelrotation=20)
+    probed = any(r.probes for r in results)
+    offline_run = any(r.offline for r in results)
+    panels = 2 * probed + offline_run
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 4), dpi=120, squeeze=False)
+    axes = list(axes[0])
+    if probed:
+        bars, probes = axes.pop(0), axes.pop(0)
+        bars.bar(names, [r.capacity_rate or 0.0 for r in results], color=colors)
+        bars.set_ylabel("capacity (requests/s)")
+        bars.set_title("Capacity under the SLO")
+        bars.tick_params(axis="x", labelrotation=20)
+        plot_probes(probes, [(r.label, r.probes) for r in results], slo.p99_tbt_s if slo else None)
+    if offline_run:
+        offline = axes.pop(0)
+        offline.bar(names, [r.offline.output_tokens_per_s if r.offline else 0.0 for r in results],
+                    color=colors)
+        offline.set_ylabel("output tokens/s")
+        offline.set_title("Offline throughput")
+        offline.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
