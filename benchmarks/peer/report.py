@@ -186,8 +186,8 @@ def plot_peer(results: Sequence[SystemResult], slo: Slo | None, path: Path) -> N
     colors = [f"C{i}" for i in range(len(results))]
     probed = any(r.probes for r in results)
     offline_run = any(r.offline for r in results)
-    panels = 2 * probed + offline_run
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 4), dpi=120, squeeze=False)
+    panels = max(2 * probed + offline_run, 1)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), dpi=120, squeeze=False)
     axes = list(axes[0])
     if probed:
         bars, probes = axes.pop(0), axes.pop(0)
