@@ -36,3 +36,10 @@ def test_trace_shows_decodes_never_stall_while_a_long_prompt_prefills(default_se
         assert decoding <= set(it.decode_seq_ids), f"a decode stalled in step {it.step_id}"
         assert it.num_prefill_tokens + it.num_decode_tokens <= 64
     assert len(tokens) == 2
+
+
+def test_iteration_rows_count_each_stream_left_out_between_two_of_its_tokens():
+    from benchmarks.serving.iteration_trace import decodes_skipped
+
+    # Sequence 1 misses iteration 1, sequence 2 misses 1 and 2; 3 stops (finished), not skipped.
+    assert decodes_skipped([[1, 2, 3], [3], [1], [1, 2]]) == [0, 2, 1, 0]

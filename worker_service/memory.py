@@ -84,3 +84,31 @@ def replica_kv_budget(rank_budgets: list[int], rank_bytes_per_token: list[int]) 
     them by the largest rank's block): the most tokens that fit on the tightest rank."""
     tokens = min(b // t for b, t in zip(rank_budgets, rank_bytes_per_token, strict=True))
     return tokens * max(rank_bytes_per_token)
+
+
+# Pinned-host block sizes that uploads use (PyTorch's pinned cache keeps one free list per power
+# of two): per size class, how many blocks to hold ready. An upload's block stays busy until
+# its copy has run, i.e. behind the step before on the stream, so small classes need many.
+PINNED_CLASSES = tuple((1 << k, 32 if k <= 16 else 8 if k <= 21 else 2) for k in range(3, 25))
+SMALL_POOL_BYTES = 256 << 20   # PyTorch's allocations of up to 1 MiB come from 2 MiB segments
+RESERVE_SLACK_BYTES = 1 << 30  # what the eager reserve leaves free on the device
+
+
+def warm_allocators(device: torch.device, reserve_bytes: int) -> None:
+    """Grows PyTorch's device and pinned-host caches now, while nothing is queued, to what
+    serving will ask of them: cudaMalloc and cudaHostAlloc wait for the whole device, so a cache
+    growing mid-serving (a batch larger than any before: bigger logits, block tables) stalls
+    the host for the iteration in flight, and every stream misses a token's turn. Freed
+    blocks stay cached: later allocations are carved out of them."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    reserve = min(reserve_bytes, free - RESERVE_SLACK_BYTES)
+    if reserve > 0:   # one large segment, split by later large allocations
+        torch.empty(reserve, dtype=torch.uint8, device=device)  # freed at once, kept cached
+    mib = 1 << 20
+    small = [torch.empty(mib, dtype=torch.uint8, device=device) for _ in range(SMALL_POOL_BYTES // mib)]
+    del small
+    pinned = [torch.empty(size, dtype=torch.uint8, pin_memory=True)
+              for size, count in PINNED_CLASSES for _ in range(count)]
+    del pinned

@@ -85,6 +85,8 @@ class ModelRunner:
         # A pipeline stage or a sharded model runs its own forward: whole models only.
         self.hybrid_graph_tokens = hybrid_graph_tokens if type(model) is LlamaModel else 0
         self.hybrid_graphs: HybridGraphs | None = None
+        # Tokens of the largest step this runner expects (profile_free_memory's worst case).
+        self.max_step_tokens = max(hybrid_graph_tokens, 2048)
         self.block_size = 0
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
@@ -133,6 +135,9 @@ class ModelRunner:
                                               self.hybrid_graph_tokens, capture)
             if capture:
                 self.hybrid_graphs.capture()
+        # Eager allocations (logits, sampling, metadata, uploads) of the largest step, cached.
+        memory.warm_allocators(self.device, memory.activation_bytes_estimate(
+            c, self.dtype, self.max_step_tokens, samples=True))
         return num_blocks * self.bytes_per_block(block_size)
 
     @torch.inference_mode()
@@ -144,6 +149,7 @@ class ModelRunner:
             return memory.host_kv_budget(fraction)
         c = self.config
         n = memory.worst_case_tokens(c, max_num_tokens)
+        self.max_step_tokens = n
         bs = 16
         blocks = -(-n // bs)
         torch.cuda.synchronize(self.device)

@@ -33,6 +33,7 @@ from sarathi_common.auth import InternalTLS, caller_identity
 from sarathi_common.lifecycle import exit_now
 from sarathi_common.net import listen
 from worker_service import memory
+from worker_service.compile_watch import watch_triton_compiles
 from worker_service.config import JOIN_INTERVAL_S, WorkerConfig
 from worker_service.executor import Executor, ExecutorBroken, PlanError
 
@@ -226,6 +227,8 @@ class WorkerService:
         self.cache_bytes = cache_bytes
         self.host_cache_bytes = request.num_host_blocks * per_block
         self.cache_shape = (request.num_blocks, request.block_size, request.num_host_blocks)
+        if ex.device.type == "cuda":  # graphs are captured: anything compiled from now on stalls
+            watch_triton_compiles(log)
         return worker_pb2.InitCacheResponse(cache_bytes=cache_bytes)
 
     def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:

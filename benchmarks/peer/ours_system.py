@@ -16,6 +16,7 @@ from benchmarks.peer.results import OfflineResult, SloAnchor, SystemResult
 from benchmarks.peer.search import run_search
 from benchmarks.peer.systems import SystemEntry
 from benchmarks.serving.bench import run_bench, warm_up
+from benchmarks.serving.capacity import Probe
 from benchmarks.serving.capacity_run import policy_probe
 from benchmarks.serving.cli_common import Endpoint
 from benchmarks.serving.client import ClientOptions
@@ -95,4 +96,15 @@ async def run_ours_system(
         args = argparse.Namespace(probe_seconds=plan.probe_seconds, no_progress=not plan.show_progress)
         endpoint = Endpoint(server.address, server.metrics_url)
         probe = policy_probe(entry.label, endpoint, plan.workload, slo, options, args, console, {})
-        await run_search(result, probe, plan.search)
+
+        async def traced(rate: float) -> Probe:
+            """The probe, then the scheduler's account of it, iteration by iteration."""
+            first_step = await last_step_id(server.address)
+            outcome = await probe(rate)
+            if first_step is not None:
+                rows = as_rows(await iterations_since(server.address, first_step))
+                path = plan.out_dir / f"{file_stem(entry.label)}_probe_{rate:g}_iterations.json"
+                path.write_text(json.dumps(rows) + "\n")
+            return outcome
+
+        await run_search(result, traced, plan.search)

@@ -30,6 +30,10 @@ class Iteration:
     worker_forward_ms: float  # host time launching the forward (the forward itself on a CPU)
     worker_idle_ms: float     # the device sat idle before this step (CUDA events on a GPU)
     worker_device_ms: float   # the step's own time on the device
+    predicted_ms: float = 0.0  # the latency model's device time when it was formed (0: none)
+    # Sequences that decoded in the iteration before and again later, but not in this one: each
+    # stretches a stream's time between tokens to two iterations or more.
+    decodes_skipped: int = 0
 
 
 async def last_step_id(address: str) -> int | None:
@@ -46,10 +50,27 @@ async def iterations_since(address: str, after_step: int) -> list[Iteration]:
     t0 = chosen[0].start_s if chosen else 0.0
     ends = [it.start_s + it.duration_s for it in chosen]
     periods = [it.duration_s if i == 0 else ends[i] - ends[i - 1] for i, it in enumerate(chosen)]
+    skipped = decodes_skipped([list(it.decode_seq_ids) for it in chosen])
     return [Iteration(it.step_id, it.start_s - t0, it.duration_s, period, it.num_prefill_tokens,
                       it.num_decode_tokens, it.num_preempted, it.kv_blocks_used, it.num_waiting,
-                      it.worker_forward_ns / 1e6, it.worker_idle_ns / 1e6, it.worker_device_ns / 1e6)
-            for it, period in zip(chosen, periods, strict=True)]
+                      it.worker_forward_ns / 1e6, it.worker_idle_ns / 1e6, it.worker_device_ns / 1e6,
+                      it.predicted_ms, n)
+            for it, period, n in zip(chosen, periods, skipped, strict=True)]
+
+
+def decodes_skipped(decode_ids: list[list[int]]) -> list[int]:
+    """Per iteration, how many sequences decoded in the one before and in a later one, but not
+    in it (a stall of that stream, whatever its cause)."""
+    last_seen: dict[int, int] = {}
+    skipped = [0] * len(decode_ids)
+    for i, ids in enumerate(decode_ids):
+        for seq in ids:
+            prev = last_seen.get(seq)
+            if prev is not None:
+                for j in range(prev + 1, i):
+                    skipped[j] += 1
+            last_seen[seq] = i
+    return skipped
 
 
 async def _get_trace(address: str, limit: int):
