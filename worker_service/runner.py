@@ -135,10 +135,24 @@ class ModelRunner:
                                               self.hybrid_graph_tokens, capture)
             if capture:
                 self.hybrid_graphs.capture()
+        if self.device.type == "cuda" and type(self.model) is LlamaModel:
+            self._load_logit_kernels()
         # Eager allocations (logits, sampling, metadata, uploads) of the largest step, cached.
         memory.warm_allocators(self.device, memory.activation_bytes_estimate(
             c, self.dtype, self.max_step_tokens, samples=True))
         return num_blocks * self.bytes_per_block(block_size)
+
+    @torch.inference_mode()
+    def _load_logit_kernels(self) -> None:
+        """The LM head once for every row count up to memory.LOGIT_ROWS. cuBLAS picks its kernel
+        by the row count, and CUDA loads a kernel on its first launch, which waits for the
+        whole device: on an H200 each new count of sampled rows (47 -> 48, 71 -> 72, ...) held the
+        host for the iteration in flight, and every stream missed a turn."""
+        hidden = torch.zeros(memory.LOGIT_ROWS, self.config.hidden_size, dtype=self.dtype,
+                             device=self.device)
+        for rows in range(1, memory.LOGIT_ROWS + 1):
+            self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:

@@ -8,6 +8,8 @@ disagreement, which must be such a near-tie. float32 runs must agree exactly on 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -167,6 +169,35 @@ def test_serving_larger_batches_grows_no_allocator_once_started():
         runner.execute(maker.hybrid(seqs, 100))
     torch.cuda.synchronize()
     assert _allocator_growth() == before
+
+
+def test_launching_a_step_with_more_sampled_rows_than_ever_does_not_wait_for_the_device():
+    """The host queues step i+1 while the device runs step i. A kernel CUDA loads on its first
+    launch (cuBLAS picks the LM head's kernel by row count) waits for the whole device; so each
+    batch size is launched behind 0.2 s of queued device work and must return well before it."""
+    pytest.importorskip("flashinfer")
+    torch.manual_seed(0)
+    model = load_model(resolve("dummy:smollm2-135m"), make_backend("flashinfer", DEV), DEV,
+                       torch.bfloat16, seed=1)
+    runner = ModelRunner(model, DEV, torch.bfloat16, graph_batch_sizes=(1, 2, 4, 8),
+                         hybrid_graph_tokens=128)
+    runner.init_cache(4096, BLOCK)
+    maker = PlanMaker()
+    runner.execute(maker.new_sequences(1, 20))
+    cycles = int(0.2 * torch.cuda.get_device_properties(DEV).clock_rate * 1e3)  # ~0.2 s
+    waited = {}
+    for n in range(2, 100, 7):
+        while maker.next_seq < n:
+            runner.execute(maker.new_sequences(min(32, n - maker.next_seq), 20))
+        seqs = list(range(maker.next_seq))
+        for plan in (maker.decode(seqs), maker.hybrid(seqs, 100)):
+            torch.cuda._sleep(cycles)
+            t = time.perf_counter()
+            step = runner.launch(plan)
+            waited[(n, len(plan.seq_ids))] = time.perf_counter() - t
+            runner.finish(step)
+    slow = {k: f"{v * 1e3:.0f} ms" for k, v in waited.items() if v > 0.1}
+    assert not slow, f"launch waited for the device at (sequences, rows): {slow}"
 
 
 def test_graphs_match_eager_flashinfer():
