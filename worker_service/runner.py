@@ -7,6 +7,7 @@ block tables) and fails loudly when it does not. A single-process worker serves 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from worker_service.kv_swap import HostKVCache, SwapError, apply_swaps
 from worker_service.models.llama import LlamaModel
 from worker_service.sampler import sample
 from worker_service.upload import upload
+
+log = logging.getLogger("sarathi.worker")
 
 
 @dataclass
@@ -124,22 +127,36 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.host_cache = HostKVCache(num_host_blocks, self.kv_caches) if num_host_blocks else None
         self.reset()
+        # Each start-up phase is timed in the log: together they are the worker's restart time.
+        phase = time.perf_counter()
+
+        def done(what: str) -> None:
+            nonlocal phase
+            now = time.perf_counter()
+            log.info("worker: %s in %.1f s", what, now - phase)
+            phase = now
+
         if self.use_cuda_graphs:
             max_blocks = -(-c.max_model_len // block_size)
             self.graphs = DecodeGraphs(self.model, self.backend, self.kv_caches, block_size,
                                        max_blocks, self.device, self.graph_batch_sizes)
             self.graphs.capture()
+            done(f"{len(self.graphs.graphs)} decode graphs captured")
         if self.hybrid_graph_tokens:
             capture = self.use_cuda_graphs and self.device.type == "cuda"
             self.hybrid_graphs = HybridGraphs(self.model, self.kv_caches, block_size, self.device,
                                               self.hybrid_graph_tokens, capture)
             if capture:
                 self.hybrid_graphs.capture()
+                done(f"hybrid graphs for {len(self.hybrid_graphs.buckets)} token counts captured")
         if self.device.type == "cuda" and type(self.model) is LlamaModel:
             self._load_logit_kernels()
+            done(f"LM head kernels for 1-{memory.LOGIT_ROWS} rows loaded")
         # Eager allocations (logits, sampling, metadata, uploads) of the largest step, cached.
         memory.warm_allocators(self.device, memory.activation_bytes_estimate(
             c, self.dtype, self.max_step_tokens, samples=True))
+        if self.device.type == "cuda":
+            done("allocator caches grown")
         return num_blocks * self.bytes_per_block(block_size)
 
     @torch.inference_mode()

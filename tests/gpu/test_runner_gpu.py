@@ -184,7 +184,12 @@ def test_launching_a_step_with_more_sampled_rows_than_ever_does_not_wait_for_the
     runner.init_cache(4096, BLOCK)
     maker = PlanMaker()
     runner.execute(maker.new_sequences(1, 20))
-    cycles = int(0.2 * torch.cuda.get_device_properties(DEV).clock_rate * 1e3)  # ~0.2 s
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(10_000_000 * 200 / start.elapsed_time(end))  # ~0.2 s of device work
     waited = {}
     for n in range(2, 100, 7):
         while maker.next_seq < n:
