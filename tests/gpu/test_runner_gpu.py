@@ -135,6 +135,21 @@ def test_hybrid_iterations_compile_no_triton_kernel_once_started():
     assert not compiled, "compiled while serving:\n" + "\n".join(compiled)
 
 
+def serving_runner() -> tuple[ModelRunner, PlanMaker]:
+    """A FlashInfer runner with decode and hybrid graphs and room for a few hundred sequences,
+    after its first prefill (sequence 0), as a worker starts serving."""
+    pytest.importorskip("flashinfer")
+    torch.manual_seed(0)
+    model = load_model(resolve("dummy:smollm2-135m"), make_backend("flashinfer", DEV), DEV,
+                       torch.bfloat16, seed=1)
+    runner = ModelRunner(model, DEV, torch.bfloat16, graph_batch_sizes=(1, 2, 4, 8),
+                         hybrid_graph_tokens=128)
+    runner.init_cache(4096, BLOCK)
+    maker = PlanMaker()
+    runner.execute(maker.new_sequences(1, 20))
+    return runner, maker
+
+
 def _allocator_growth() -> tuple[int, int]:
     """(device segments ever allocated, pinned host blocks ever allocated): each one a
     cudaMalloc or cudaHostAlloc, which waits for the whole device."""
@@ -148,15 +163,7 @@ def test_serving_larger_batches_grows_no_allocator_once_started():
     from what the allocators cached at start-up: a cudaMalloc or cudaHostAlloc mid-serving
     waits for the device to drain, which on an H200 made one iteration in ~50 take two (P99
     time between tokens 71 ms against 35 ms iterations)."""
-    pytest.importorskip("flashinfer")
-    torch.manual_seed(0)
-    model = load_model(resolve("dummy:smollm2-135m"), make_backend("flashinfer", DEV), DEV,
-                       torch.bfloat16, seed=1)
-    runner = ModelRunner(model, DEV, torch.bfloat16, graph_batch_sizes=(1, 2, 4, 8),
-                         hybrid_graph_tokens=128)
-    runner.init_cache(4096, BLOCK)
-    maker = PlanMaker()
-    runner.execute(maker.new_sequences(1, 20))
+    runner, maker = serving_runner()
     runner.execute(maker.decode([0]))   # one small step of each kind: lazily made state
     runner.execute(maker.hybrid([0], 20))
     torch.cuda.synchronize()
@@ -175,15 +182,7 @@ def test_launching_a_step_with_more_sampled_rows_than_ever_does_not_wait_for_the
     """The host queues step i+1 while the device runs step i. A kernel CUDA loads on its first
     launch (cuBLAS picks the LM head's kernel by row count) waits for the whole device; so each
     batch size is launched behind 0.2 s of queued device work and must return well before it."""
-    pytest.importorskip("flashinfer")
-    torch.manual_seed(0)
-    model = load_model(resolve("dummy:smollm2-135m"), make_backend("flashinfer", DEV), DEV,
-                       torch.bfloat16, seed=1)
-    runner = ModelRunner(model, DEV, torch.bfloat16, graph_batch_sizes=(1, 2, 4, 8),
-                         hybrid_graph_tokens=128)
-    runner.init_cache(4096, BLOCK)
-    maker = PlanMaker()
-    runner.execute(maker.new_sequences(1, 20))
+    runner, maker = serving_runner()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(10_000_000)
