@@ -163,8 +163,9 @@ class ModelRunner:
     def _load_logit_kernels(self) -> None:
         """The LM head once for every row count up to memory.LOGIT_ROWS. cuBLAS picks its kernel
         by the row count, and CUDA loads a kernel on its first launch, which waits for the
-        whole device: on an H200 each new count of sampled rows (47 -> 48, 71 -> 72, ...) held the
-        host for the iteration in flight, and every stream missed a turn."""
+        whole device: on an H200, row counts no decode graph had covered (49 rows beside 48
+        decodes, 73 beside 72, ...) held the host for the iteration in flight, and every stream
+        missed a turn (benchmarks/README.md; not yet confirmed on a GPU)."""
         hidden = torch.zeros(memory.LOGIT_ROWS, self.config.hidden_size, dtype=self.dtype,
                              device=self.device)
         for rows in range(1, memory.LOGIT_ROWS + 1):
