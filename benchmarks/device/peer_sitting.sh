@@ -6,7 +6,8 @@
 #   1) carry .vca             bash benchmarks/device/peer_sitting.sh unpack
 #   2) carry .vcb .whl        bash benchmarks/device/peer_sitting.sh ours
 #   3) carry .vcc             bash benchmarks/device/peer_sitting.sh vllm
-# or, offline throughput alone (acceptance 2), at vLLM's cap of 256 sequences per step and at 512:
+# or, offline throughput alone (acceptance 2), at vLLM's cap of 256 sequences per step and at 512
+# (OFFLINE_SEQS: other caps; OURS_OFFLINE_SYSTEM, VLLM_OFFLINE_SYSTEM: other budgets, e.g. sarathi:4096):
 #   1) carry .vca .fi_cache   unpack;  2) carry .vcb .whl  ours-offline;  3) carry .vcc  vllm-offline
 #   (TESTS_LIMIT_S=N: then tests/gpu for N seconds); each leaves one .tgz of its results in $OUT.
 # (the folders do not fit one 64 MiB carry together). `ours` runs our SLO-driven budget's
@@ -44,11 +45,11 @@ case ${1:-} in
     ours-offline)  # our offline throughput at each of OFFLINE_SEQS (caps on sequences per step)
         mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
         # ~170 s per run on an H200 (start, warm-up, 27 s of requests): 150 s cut one short.
-        offline_runs ours sarathi:2048 200 ;;
+        offline_runs ours "${OURS_OFFLINE_SYSTEM:-sarathi:2048}" 200 ;;
     vllm-offline)  # vLLM's offline throughput at each of OFFLINE_SEQS, then the GPU tests
         python3 -m pip install -q --no-index --no-deps --no-compile --target "$vsite" .vcc/*.whl 2>&1 \
             | grep -v "^WARNING: Target directory"
-        offline_runs vllm vllm:2048 200
+        offline_runs vllm "${VLLM_OFFLINE_SYSTEM:-vllm:2048}" 200
         [ -n "${TESTS_LIMIT_S:-}" ] && PART_LIMIT_S=$TESTS_LIMIT_S bash $session tests 2>&1 | tail -25 ;;
     ours)
         mkdir -p "$vsite" && tar -xJf .vcb/v_rest.tar.xz -C "$vsite" && du -sh "$vsite"
