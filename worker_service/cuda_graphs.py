@@ -9,6 +9,9 @@ runs before each replay through the backend's begin_iteration, never inside the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from worker_service.attention import AttentionBackend, AttentionMetadata
@@ -16,6 +19,26 @@ from worker_service.models.llama import LlamaModel
 from worker_service.upload import upload
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+_capture_stream: torch.cuda.Stream | None = None
+
+
+@contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool: tuple[int, int] | None) -> Iterator[None]:
+    """Captures what runs inside into `graph` (in `pool`), on a side stream. It is
+    torch.cuda.graph without the housekeeping that precedes its every capture (a device-wide
+    synchronize, emptying the device and pinned-host allocator caches, in some versions
+    gc.collect): the hybrid graphs are some 800 captures in a row, and the caller synchronizes
+    after each warm-up already. Nothing must be pending on other streams that the capture reads."""
+    global _capture_stream
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+    with torch.cuda.stream(_capture_stream):
+        graph.capture_begin(pool)
+        try:
+            yield
+        finally:
+            graph.capture_end()
 
 
 class DecodeGraphs:
@@ -60,7 +83,7 @@ class DecodeGraphs:
                 self.model.compute_logits(self.model(*args))
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capturing(graph, self.pool):
                 self.backend.graph_prologue(meta)
                 logits = self.model.compute_logits(self.model(*args))
             if self.pool is None:
@@ -183,16 +206,19 @@ class HybridGraphs:
 
     def capture(self) -> None:
         """Largest bucket first, every piece in order, all in one pool. Slots are -1 meanwhile,
-        so the warm-up runs write no KV."""
+        so the warm-up runs write no KV. Pieces 1 to L-1 (end of one layer, start of the next)
+        run the same kernels on the same shapes, so piece 1's warm-up serves them all."""
         self.slots.fill_(-1)
+        last = len(self.model.layers)
         for tokens in reversed(self.buckets):
             graphs = []
-            for k in range(len(self.model.layers) + 1):
-                for _ in range(2):  # compile and autotune outside the capture
-                    self._piece(k, tokens)
-                torch.cuda.synchronize()
+            for k in range(last + 1):
+                if k <= 1 or k == last:
+                    for _ in range(2):  # compile and autotune outside the capture
+                        self._piece(k, tokens)
+                    torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with capturing(graph, self.pool):
                     self._piece(k, tokens)
                 if self.pool is None:
                     self.pool = graph.pool()
