@@ -149,7 +149,8 @@ class Engine:
             try:
                 info = link.connect(cfg.worker_timeout_s if not named else REDIAL_S * 5, cfg.block_size,
                                     cfg.memory_fraction, cfg.policy_config.token_budget,
-                                    cfg.num_kv_blocks, cfg.cache.num_host_blocks)
+                                    cfg.num_kv_blocks, cfg.cache.num_host_blocks,
+                                    cfg.policy_config.max_batch_size)
             except WorkerUnavailable as e:
                 link.close()
                 if named:   # a worker named at start is ours: keep trying until it is back

@@ -55,14 +55,15 @@ class WorkerLink:
         self._call = None   # the Step stream (an iterator of results that can be cancelled)
 
     def connect(self, timeout: float, block_size: int, memory_fraction: float, token_budget: int,
-                num_kv_blocks: int | None, num_host_blocks: int) -> WorkerInfo:
+                num_kv_blocks: int | None, num_host_blocks: int, max_num_seqs: int = 0) -> WorkerInfo:
         """Waits for the worker, sizes and allocates its KV cache, opens the Step stream."""
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise WorkerUnavailable(f"no worker answered at {self.address} within {timeout:.0f} s") from None
         info = self._unary(self._stub.Describe, worker_pb2.DescribeRequest(
-            block_size=block_size, memory_fraction=memory_fraction, max_num_batched_tokens=token_budget))
+            block_size=block_size, memory_fraction=memory_fraction, max_num_batched_tokens=token_budget,
+            max_num_seqs=max_num_seqs))
         num_blocks = info.num_blocks_available
         if num_kv_blocks is not None:
             num_blocks = min(num_blocks, num_kv_blocks) if num_blocks else num_kv_blocks

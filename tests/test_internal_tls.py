@@ -29,6 +29,7 @@ from sarathi.client import wait_serving
 from sarathi_common.auth import InternalTLS
 from sarathi_common.net import free_port
 from scheduler_service.worker_link import WorkerLink, WorkerUnavailable
+from worker_service import memory
 from worker_service import server as server_module
 
 TOKEN = "internal-tls-test-token"
@@ -256,10 +257,34 @@ class CountsProfiles(FakeExecutor):
     def __init__(self) -> None:
         super().__init__()
         self.profiles = 0
+        self.asked: tuple[int, float, int] | None = None
 
-    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9, max_num_seqs: int = 0) -> int:
         self.profiles += 1
+        self.asked = (max_num_tokens, fraction, max_num_seqs)
         return 1 << 20
+
+
+def test_the_worker_profiles_the_schedulers_budget_and_batch_size():
+    """The scheduler's link tells the worker its largest batch: a step samples one row per
+    sequence, so logits and the LM head's warm-up are sized by it."""
+    executor = CountsProfiles()
+    server, port = serve_executor(executor)
+    link = WorkerLink(f"127.0.0.1:{port}")
+    try:
+        info = link.connect(timeout=10, block_size=16, memory_fraction=0.8, token_budget=2048,
+                            num_kv_blocks=None, num_host_blocks=0, max_num_seqs=512)
+        assert executor.asked == (2048, pytest.approx(0.8), 512)
+        assert info.num_blocks == (1 << 20) // 16
+    finally:
+        link.close()
+        server.stop(0)
+
+
+def test_a_step_samples_at_most_one_row_per_sequence_and_per_token():
+    assert memory.sampled_rows(2048, 512) == 512
+    assert memory.sampled_rows(128, 512) == 128          # a budget of 128 tokens samples <= 128
+    assert memory.sampled_rows(2048, 0) == memory.LOGIT_ROWS   # an older scheduler says nothing
 
 
 def test_describe_from_a_stranger_does_no_profiling():

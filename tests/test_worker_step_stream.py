@@ -33,7 +33,7 @@ class FakeExecutor:
     def bytes_per_block(self, block_size: int) -> int:
         return block_size
 
-    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9, max_num_seqs: int = 0) -> int:
         return 0
 
     def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:

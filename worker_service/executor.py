@@ -41,9 +41,11 @@ class Executor(Protocol[Handle]):
         """KV bytes of one block, where a block costs most (the scheduler's count must fit)."""
         ...
 
-    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
-        """KV bytes the cache may take once iterations of max_num_tokens have room (measured by
-        a trial forward where one process holds the model, else estimated). Before init_cache."""
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9,
+                            max_num_seqs: int = 0) -> int:
+        """KV bytes the cache may take once iterations of max_num_tokens (of up to max_num_seqs
+        sequences, each sampling a row; 0: not said) have room, measured by a trial forward where
+        one process holds the model, else estimated. Before init_cache."""
         ...
 
     def init_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 
 from worker_service.models.config import ModelConfig
 
-LOGIT_ROWS = 256               # a worst-case iteration samples up to this many rows
+LOGIT_ROWS = 256               # rows a step samples where the scheduler does not say (Describe)
 WORKSPACE_BYTES = 256 << 20    # attention workspaces beside a rank's estimated activations
 GRAPH_SLACK_BYTES = 256 << 20  # beside the CUDA graphs' own estimate
 
@@ -58,14 +58,21 @@ def worst_case_tokens(config: ModelConfig, max_num_tokens: int) -> int:
     return max(1, min(max_num_tokens, config.max_model_len))
 
 
-def activation_bytes_estimate(config: ModelConfig, dtype: torch.dtype, tokens: int, samples: bool) -> int:
+def sampled_rows(max_num_tokens: int, max_num_seqs: int) -> int:
+    """The most rows one step samples: one per sequence (0 sequences: not said, LOGIT_ROWS),
+    never more than the step's tokens."""
+    return max(1, min(max_num_seqs or LOGIT_ROWS, max_num_tokens))
+
+
+def activation_bytes_estimate(config: ModelConfig, dtype: torch.dtype, tokens: int, samples: bool,
+                              rows: int = LOGIT_ROWS) -> int:
     """Peak activations of an iteration of `tokens`, from the shapes alone (for a rank, which
     cannot run a trial forward by itself). Per token: hidden, residual and norm output, q/k/v
     and attention output, gate/up and the activation; logits (float32, local and gathered) for
-    up to LOGIT_ROWS sampled rows where this model samples."""
+    `rows` sampled rows where this model samples."""
     width = 4 * config.hidden_size + 3 * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim \
         + 3 * config.intermediate_size
-    logits = 3 * LOGIT_ROWS * config.vocab_size * 4 if samples else 0
+    logits = 3 * rows * config.vocab_size * 4 if samples else 0
     return tokens * width * dtype.itemsize + logits + WORKSPACE_BYTES
 
 

@@ -90,6 +90,8 @@ class ModelRunner:
         self.hybrid_graphs: HybridGraphs | None = None
         # Tokens of the largest step this runner expects (profile_free_memory's worst case).
         self.max_step_tokens = max(hybrid_graph_tokens, 2048)
+        # Rows the largest step samples (one per sequence; the scheduler says at Describe).
+        self.max_sampled_rows = memory.LOGIT_ROWS
         self.block_size = 0
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
@@ -151,37 +153,42 @@ class ModelRunner:
                 done(f"hybrid graphs for {len(self.hybrid_graphs.buckets)} token counts captured")
         if self.device.type == "cuda" and type(self.model) is LlamaModel:
             self._load_logit_kernels()
-            done(f"LM head kernels for 1-{memory.LOGIT_ROWS} rows loaded")
+            done(f"LM head kernels for 1-{self.max_sampled_rows} rows loaded")
         # Eager allocations (logits, sampling, metadata, uploads) of the largest step, cached.
         memory.warm_allocators(self.device, memory.activation_bytes_estimate(
-            c, self.dtype, self.max_step_tokens, samples=True))
+            c, self.dtype, self.max_step_tokens, samples=True, rows=self.max_sampled_rows))
         if self.device.type == "cuda":
             done("allocator caches grown")
         return num_blocks * self.bytes_per_block(block_size)
 
     @torch.inference_mode()
     def _load_logit_kernels(self) -> None:
-        """The LM head once for every row count up to memory.LOGIT_ROWS. cuBLAS picks its kernel
-        by the row count, and CUDA loads a kernel on its first launch, which waits for the
-        whole device: on an H200, row counts no decode graph had covered (49 rows beside 48
-        decodes, 73 beside 72, ...) held the host for the iteration in flight, and every stream
-        missed a turn (benchmarks/README.md; not yet confirmed on a GPU)."""
-        hidden = torch.zeros(memory.LOGIT_ROWS, self.config.hidden_size, dtype=self.dtype,
-                             device=self.device)
-        for rows in range(1, memory.LOGIT_ROWS + 1):
-            self.model.compute_logits(hidden[:rows])
+        """The LM head once for every row count a step can sample (max_sampled_rows). cuBLAS
+        picks its kernel by the row count, and CUDA loads a kernel on its first launch, which
+        waits for the whole device: on an H200, row counts no decode graph had covered (49 rows
+        beside 48 decodes, 73 beside 72, ...) held the host for the iteration in flight, and
+        every stream missed a turn; offline runs of 512 sequences per step showed the same
+        pattern while their batch grew (benchmarks/README.md; not yet confirmed on a GPU).
+        The bare matmul (bf16 out): the kernel choice is the same, the memory half."""
+        rows_max = self.max_sampled_rows
+        hidden = torch.zeros(rows_max, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for rows in range(1, rows_max + 1):
+            self.model.lm_head(hidden[:rows])
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9,
+                            max_num_seqs: int = 0) -> int:
         """Bytes the KV cache may take: `fraction` of the device's memory, less the weights,
         the peak activations of a worst-case iteration (max_num_tokens prefill tokens, logits
-        for up to LOGIT_ROWS rows) and room for the decode graphs. Call before init_cache."""
+        for one row per sequence of max_num_seqs; 0: LOGIT_ROWS) and room for the decode
+        graphs. Call before init_cache."""
         if self.device.type != "cuda":
             return memory.host_kv_budget(fraction)
         c = self.config
         n = memory.worst_case_tokens(c, max_num_tokens)
         self.max_step_tokens = n
+        self.max_sampled_rows = rows = memory.sampled_rows(n, max_num_seqs)
         bs = 16
         blocks = -(-n // bs)
         torch.cuda.synchronize(self.device)
@@ -200,7 +207,7 @@ class ModelRunner:
         pos = torch.arange(n, device=self.device)
         self.backend.begin_iteration(meta)
         hidden = self.model(ids, pos, caches, meta)
-        self.model.compute_logits(hidden[-min(n, memory.LOGIT_ROWS):])
+        self.model.compute_logits(hidden[-rows:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes  # weights + activations
         del caches, hidden

@@ -108,7 +108,8 @@ class WorkerService:
         ex = self.executor
         c = ex.config
         free = memory.free_memory_bytes(ex.device)
-        budget = self._kv_budget(context, request.max_num_batched_tokens or 8192, fraction)
+        budget = self._kv_budget(context, request.max_num_batched_tokens or 8192, fraction,
+                                 request.max_num_seqs)
         per_block = ex.bytes_per_block(block_size)
         return worker_pb2.DescribeResponse(
             model=c.name, device=str(ex.device), dtype=str(ex.dtype).removeprefix("torch."),
@@ -117,7 +118,7 @@ class WorkerService:
             free_memory_bytes=free, bytes_per_block=per_block,
             num_blocks_available=budget // per_block, pipeline_parallel_size=ex.depth)
 
-    def _kv_budget(self, context, tokens: int, fraction: float) -> int:
+    def _kv_budget(self, context, tokens: int, fraction: float, seqs: int) -> int:
         """KV bytes the device can hold. On the CPU, arithmetic. On an accelerator, a worst-case
         iteration runs first (activations and CUDA graphs need room too): only for a caller
         that could attach (not while another scheduler is served), never beside a Step stream,
@@ -125,7 +126,7 @@ class WorkerService:
         ex = self.executor
         if ex.device.type == "cpu":
             return min(memory.host_kv_budget(fraction), self.cpu_cache_limit)
-        key = (tokens, fraction)
+        key = (tokens, fraction, seqs)
         if key in self._profiles:
             return self._profiles[key]
         self._refuse_unless_free(context, "profile its memory")
@@ -134,7 +135,7 @@ class WorkerService:
                           "this worker is serving a step stream: its memory is profiled only before one "
                           "opens; call Describe before InitCache")
         try:
-            self._profiles[key] = ex.profile_free_memory(tokens, fraction)
+            self._profiles[key] = ex.profile_free_memory(tokens, fraction, seqs)
         finally:
             self._stream_lock.release()
         return self._profiles[key]

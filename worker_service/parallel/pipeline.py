@@ -93,14 +93,16 @@ class StageRunner(ModelRunner):
             batch = dataclasses.replace(batch, sample_rows=[], sample_seqs=[])
         return batch
 
-    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9,
+                            max_num_seqs: int = 0) -> int:
         """This rank's KV bytes, as ModelRunner's, but with a worst-case iteration's activations
         estimated from the shapes: one rank cannot run a trial forward alone, since its
         collectives and handoffs need every rank."""
         if self.device.type != "cuda":
             return memory.host_kv_budget(fraction)
         tokens = memory.worst_case_tokens(self.config, max_num_tokens)  # this rank's shard
-        activations = memory.activation_bytes_estimate(self.config, self.dtype, tokens, self.samples)
+        activations = memory.activation_bytes_estimate(self.config, self.dtype, tokens, self.samples,
+                                                       memory.sampled_rows(tokens, max_num_seqs))
         return memory.device_kv_budget(self.device, fraction,
                                        torch.cuda.memory_allocated(self.device) + activations,
                                        self.graph_room_bytes(activations))

@@ -174,7 +174,7 @@ def follow(r: Rank) -> None:
             reset_comm_stats()
         elif kind == MEMORY_REQUEST:
             ask = json.loads(frames[0])
-            budget = runner.profile_free_memory(ask["tokens"], ask["fraction"])
+            budget = runner.profile_free_memory(ask["tokens"], ask["fraction"], ask["seqs"])
             r.outbox.send(0, MEMORY_REPLY, json.dumps(dict(bytes=budget, rank=r.rank)).encode())
         elif kind == PLAN:
             for result in frames[1:]:
@@ -322,10 +322,11 @@ class ReplicaDriver:
         reset_comm_stats()
         return self._ask_all(STATS_REQUEST, STATS_REPLY, own)
 
-    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9) -> int:
+    def profile_free_memory(self, max_num_tokens: int, fraction: float = 0.9,
+                            max_num_seqs: int = 0) -> int:
         """KV bytes for the worker's Describe: every rank reports its own budget."""
-        ask = json.dumps(dict(tokens=max_num_tokens, fraction=fraction)).encode()
-        own = dict(bytes=self.runner.profile_free_memory(max_num_tokens, fraction))
+        ask = json.dumps(dict(tokens=max_num_tokens, fraction=fraction, seqs=max_num_seqs)).encode()
+        own = dict(bytes=self.runner.profile_free_memory(max_num_tokens, fraction, max_num_seqs))
         budgets = [b["bytes"] for b in self._ask_all(MEMORY_REQUEST, MEMORY_REPLY, own, ask)]
         per_token = [rank_bytes_per_block(self.layout, self.config, k, 1, self.dtype)
                      for k in range(self.layout.world_size)]
