@@ -24,7 +24,8 @@
 # First it installs the wheels in .whl/ (git-ignored; fill it on a machine with PyPI with
 # benchmarks/device/fetch_device_wheels.sh) into /tmp/site, once per host while .whl/ is
 # unchanged, and regenerates the gRPC stubs for the host's grpcio. FlashInfer's JIT cache is
-# restored from .fi_cache/fi.tgz when present and saved to $OUT/fi.tgz after every part (copy it
+# restored from .fi_cache/fi.tgz when present and saved to $OUT/fi.tgz after every part, and
+# Triton's from .fi_cache/triton.tgz to $OUT/triton.tgz (copy both
 # to .fi_cache/ for the next run: it saves minutes of kernel compilation). Each part runs under
 # its own time limit; output files go to $OUT (default /tmp/out).
 # Environment: PART_LIMIT_S (seconds per part, default 300), TEST_K, BENCH_ARGS, PROFILE_ARGS,
@@ -69,6 +70,8 @@ python3 -m protos.generate   # stubs for the host's grpcio (a grpcio-tools wheel
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" ~/.cache
 [ -f .fi_cache/fi.tgz ] && tar xzf .fi_cache/fi.tgz -C ~/.cache
+# Triton's compiled kernels too (a fresh machine compiles every variant the graphs capture).
+[ -f .fi_cache/triton.tgz ] && mkdir -p ~/.triton && tar xzf .fi_cache/triton.tgz -C ~/.triton
 limit=${PART_LIMIT_S:-300}
 capacity() {  # $1: strict or relaxed
     local slo budget
@@ -135,4 +138,5 @@ for part in "$@"; do
     echo "=== $part: exit $? ($(date -u +%T))"
     # After every part, so that a run stopped at its time limit still leaves the cache in $OUT.
     tar czf "$OUT/fi.tgz" -C ~/.cache flashinfer 2>/dev/null
+    [ -d ~/.triton/cache ] && tar czf "$OUT/triton.tgz" -C ~/.triton cache 2>/dev/null
 done
