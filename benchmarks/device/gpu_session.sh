@@ -12,6 +12,8 @@
 #   gemv              the GEMV kernel tests, then python -m benchmarks.kernels.gemv_sweep
 #   overhead          python -m benchmarks.host.step_overhead on the Llama-3-8B shape
 #   replica           python -m benchmarks.replica.replica_bench (several GPUs; REPLICA_ARGS)
+#   start             our 8B server's time to serve and the worker's start-up phases
+#                     (benchmarks/device/serve_start.sh; START_ARGS: serve flags)
 #   capacity-strict, capacity-relaxed
 #                     sarathi capacity of each policy under the strict or relaxed SLO
 #   peer              python -m benchmarks.peer: vLLM 0.25 (AsyncLLM in-process, from $VLLM_SITE,
@@ -129,6 +131,7 @@ for part in "$@"; do
         overhead) timeout "$limit" python3 -m benchmarks.host.step_overhead --model dummy:llama3-8b \
             --device cuda --batches 1 32 128 ${OVERHEAD_ARGS:-} ;;
         replica) timeout "$limit" python3 -m benchmarks.replica.replica_bench ${REPLICA_ARGS:-} ;;
+        start) bash benchmarks/device/serve_start.sh "$((limit - 20))" ${START_ARGS:-} ;;
         peer) peer ;;
         offline) offline ;;
         capacity-strict) capacity strict ;;
