@@ -56,7 +56,8 @@ class SchedulerConfig(ApiAccessOptions, InternalTLSOptions):
     prefix_caching: bool = option(False, "reuse the KV of full blocks shared with earlier prompts "
                                          "(default: off)", group=_GROUP)
     # 256: the worker's largest decode CUDA graph; vLLM's own default is at least that.
-    max_batch_size: int = option(256, "most sequences per iteration", group=_GROUP)
+    max_batch_size: int = option(256, "most sequences per iteration (the worker warms its LM head for "
+                                      "as many sampled rows at start-up)", group=_GROUP)
     block_size: int = option(16, "tokens per KV-cache block", group=_GROUP)
     num_kv_blocks: int | None = option(None, "cap the KV cache at this many blocks (default: what the "
                                              "worker reports)", group=_GROUP)
