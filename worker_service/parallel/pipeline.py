@@ -101,8 +101,10 @@ class StageRunner(ModelRunner):
         if self.device.type != "cuda":
             return memory.host_kv_budget(fraction)
         tokens = memory.worst_case_tokens(self.config, max_num_tokens)  # this rank's shard
+        # Kept, as ModelRunner keeps it: init_cache sizes the allocator reserve by it.
+        self.max_sampled_rows = memory.sampled_rows(tokens, max_num_seqs)
         activations = memory.activation_bytes_estimate(self.config, self.dtype, tokens, self.samples,
-                                                       memory.sampled_rows(tokens, max_num_seqs))
+                                                       self.max_sampled_rows)
         return memory.device_kv_budget(self.device, fraction,
                                        torch.cuda.memory_allocated(self.device) + activations,
                                        self.graph_room_bytes(activations))
